@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
-from rayalign.io import atomic_dir
+from rayalign.models import save_checkpoint
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -94,7 +94,4 @@ def build_tiny_checkpoint(
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    return save_checkpoint(model, tokenizer, out_dir)
