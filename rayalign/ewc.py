@@ -27,9 +27,10 @@ The choice of g (DESIGN.md leaves it open):
 - ``normalize="mean", scale=1`` (the default): g(AC)_i = AC_i / mean_i AC. This is
   scale-free: it does not depend on the learning rate, the number of steps or the
   parameters' magnitude, only on how each tensor's movement compares with the average. The
-  softmax then keeps the ranking with bounded contrast (a tensor that moved 3x the mean gets
-  e^2 ~ 7.4x the share of one that did not move), so the penalty is neither uniform nor
-  concentrated on one tensor. ``scale`` then acts as an inverse temperature.
+  softmax then keeps the ranking with bounded contrast (a tensor whose AC is twice the mean
+  gets e ~ 2.7x the share of an average one; 3x the mean gets e^3 ~ 20x the share of one
+  that did not move), so the penalty is neither uniform nor concentrated on one tensor.
+  ``scale`` then acts as an inverse temperature (it multiplies after the normalization).
 
 So g(AC)_i = scale * AC_i / mean(AC) with ``normalize="mean"`` (all-zero AC gives uniform F)
 and scale * AC_i with ``normalize="none"``. Every run should log `importance_stats` of the F
@@ -176,7 +177,9 @@ class AccumulatedChange:
     @classmethod
     def from_dict(cls, data: Mapping) -> AccumulatedChange:
         """Inverse of `to_dict`."""
-        totals = {phase_kind(k): {n: float(c) for n, c in v.items()} for k, v in data["totals"].items()}
+        totals = {
+            phase_kind(k): {n: float(c) for n, c in v.items()} for k, v in data["totals"].items()
+        }
         phases = {phase_kind(k): int(v) for k, v in data["phases"].items()}
         if set(totals) != set(phases):
             raise ValueError("totals and phases name different phase types")
@@ -272,8 +275,9 @@ def freeze_selection(scores: Mapping[str, float], fraction: float = 0.2) -> list
     Hbat-Freeze (paper, Section 5.4 / Appendix A) freezes the top 20% tensors instead of
     applying the penalty. Pass AC (preferred: softmax is monotone, so the order equals F's,
     and AC has no one-hot underflow ties) or F. Rounding is up, so any fraction > 0 freezes
-    at least one tensor; fraction * n is rounded to 9 decimals first so that 0.7 * 10 is 7,
-    not 8. Ties are broken by name, so the selection is deterministic.
+    at least one tensor; fraction * n is first rounded to 9 decimals so that 0.28 * 25
+    (7.000000000000001 in float64) gives 7, not 8. Ties are broken by name, so the
+    selection is deterministic.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
