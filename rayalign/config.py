@@ -115,7 +115,11 @@ class EWCConfig(Section):
     mode: Literal["ewc", "freeze", "none"] = "ewc"
     lam: float = Field(1.0, ge=0.0, description="lambda of the penalty.")
     f_max: float = Field(1.0, gt=0.0)
-    scale: float = Field(1.0, gt=0.0, description="Multiplier on C before the softmax.")
+    scale: float = Field(
+        1.0, gt=0.0,
+        description="Softmax inverse temperature: multiplies AC/mean(AC) (normalize=mean) or raw "
+        "AC (normalize=none; the authors' code amounts to 1e20).",
+    )
     normalize: Literal["mean", "none"] = "mean"
     freeze_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     offload_anchor: bool = Field(True, description="Keep theta* on the CPU.")
