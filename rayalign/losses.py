@@ -225,9 +225,10 @@ def aot_terms(
         ``PreferenceTerms`` with per-quantile ``losses`` over the global batch and the
         *local* (not gathered) rewards ``beta*(pc-rc)``, ``beta*(pr-rr)``.
     """
-    pc, pr, rc, rr = (
-        _check_paired if paired else _check_unpaired
-    )(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    check = _check_paired if paired else _check_unpaired
+    pc, pr, rc, rr = check(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
     _check_beta(beta)
     _check_label_smoothing(label_smoothing)
     if loss not in AOT_LOSSES:
