@@ -40,7 +40,3 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 def corpus(n: int = 2000, seed: int = 12345) -> list[str]:
     """Text to train the tiny tokenizer on, so digits and the prompt format tokenize cleanly."""
     return [r["prompt"] + r["completion"] for r in make_rows(n, seed)]
-
-
-def exact_match(prediction: str, gold: str) -> bool:
-    return prediction.split() == gold.split()
