@@ -1,0 +1,599 @@
+"""The per-worker training loop: one DeepSpeed engine, one or more phases.
+
+Ray-free. The caller (Ray Train, torchrun, or a test with a one-rank process group) has
+initialized ``torch.distributed``; every rank builds the same :class:`Trainer` and runs the
+same phases on its own shard of rows.
+
+A **phase** (:class:`Phase`) is one objective over one dataset with one `TrainConfig`
+(DESIGN.md, Hbat: phases alternate between SFT and a preference objective). Several phases
+run on the same engine without reloading the model; the engine-level settings (ZeRO stage,
+micro-batch size, gradient accumulation, clipping) are fixed when the engine is built, the
+rest (objective, beta, learning rate, weight decay, length) may change per phase.
+
+One optimizer step (the loop in `Trainer.run_phase`):
+
+1. ``gradient_accumulation_steps`` micro-batches, each one forward of the policy over chosen
+   rows then rejected rows (`rayalign.data.collate_pairs`, `rayalign.logprobs`), reference
+   log-probs from the precomputed columns or a frozen reference model, the loss from
+   `rayalign.losses`, ``engine.backward``. DeepSpeed divides each micro-batch loss by the
+   accumulation steps and *averages* gradients over data-parallel ranks, which is what
+   `rayalign.losses.aot_terms` requires.
+2. The optional gradient hook (:data:`GradHook`, e.g. Hbat's EWC term) on the reduced,
+   unclipped gradients; then the learning rate of :func:`lr_at`; then ``engine.step()``
+   (clipping + AdamW).
+
+Micro-batches. Paired objectives and SFT take ``micro_batch_size`` consecutive rows of the
+rank's shard. ``aot_unpaired`` reads (prompt, completion, label) rows and fills two buffers;
+a micro-batch is the first ``micro_batch_size`` rows labelled true (chosen) and the first
+``micro_batch_size`` labelled false (rejected), so chosen and rejected sets have equal sizes
+on every rank (AOT's gather needs equal per-rank sizes); rows left in a buffer at the end of
+an epoch are dropped for that epoch.
+
+Non-finite loss: all ranks agree (one all-reduce) and skip the micro-batch (no backward, so
+no rank's gradients see it); more than ``max_nan_steps`` consecutive skips raise
+`NonFiniteLossError`.
+
+Data position: ranks agree before every micro-batch that all still have data (one
+all-reduce of a flag), so a shard that runs dry ends the epoch on every rank instead of
+hanging a collective. A phase runs for exactly `Phase.steps` optimizer steps, cycling over
+epochs, so it always ends on an accumulation boundary. `PhaseState` (step, epoch, micro-batch
+within the epoch) is saved with the DeepSpeed checkpoint; resuming skips the consumed
+micro-batches of the current epoch, which is exact when a re-iteration of the rows yields
+the same order (plain lists do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rayalign import losses
+from rayalign.config import DataConfig, ModelConfig, TrainConfig
+from rayalign.data import (
+    Example,
+    PreferenceExample,
+    SFTExample,
+    SequenceBatch,
+    UnpairedExample,
+    collate,
+    collate_pairs,
+    encode,
+)
+from rayalign.logprobs import sequence_logprobs
+from rayalign.models import load_model, load_tokenizer, resolve_dtype, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE_DATA_KIND = {
+    "sft": "sft",
+    "dpo": "preference",
+    "weighted_dpo": "preference",
+    "ipo": "preference",
+    "aot": "preference",
+    "aot_unpaired": "unpaired",
+}
+_EXAMPLE_TYPE = {"sft": SFTExample, "preference": PreferenceExample, "unpaired": UnpairedExample}
+# Engine-level settings: fixed when the DeepSpeed engine is built, equal for all its phases.
+_ENGINE_FIELDS = ("zero_stage", "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm")
+_DS_TAG = "deepspeed"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive micro-batches had a NaN or infinite loss."""
+
+
+# --------------------------------------------------------------------------------------
+# Schedule and DeepSpeed config (pure)
+# --------------------------------------------------------------------------------------
+
+
+def total_steps(train: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of a phase: ``max_steps``, else ``epochs`` full accumulation cycles.
+
+    A trailing partial accumulation of an epoch carries into the next epoch; the last one of
+    the phase is dropped, so a phase always ends on a step boundary.
+    """
+    if train.max_steps is not None:
+        return train.max_steps
+    steps = train.epochs * batches_per_epoch // train.gradient_accumulation_steps
+    if steps < 1:
+        raise ValueError(
+            f"{batches_per_epoch} micro-batches per epoch x {train.epochs} epochs is less than "
+            f"one optimizer step of {train.gradient_accumulation_steps} micro-batches"
+        )
+    return steps
+
+
+def lr_at(step: int, total: int, train: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to 0.
+
+    ``warmup = floor(warmup_ratio * total)`` steps ramp ``lr * (step+1)/warmup`` (the first
+    step already moves, unlike a ramp from 0); the rest follow
+    ``lr * 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))``.
+    """
+    warmup = int(train.warmup_ratio * total)
+    if step < warmup:
+        return train.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, dtype: torch.dtype) -> dict:
+    """The DeepSpeed config dict of a `TrainConfig` (AdamW; the learning rate is set per step).
+
+    ``dtype`` is the training precision: bfloat16 turns on DeepSpeed's bf16 mode (fp32 master
+    weights and optimizer state), float32 trains in full precision (the CPU default).
+    """
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"training precision must be float32 or bfloat16, got {dtype}")
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": {"stage": train.zero_stage},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "torch_adam": True,
+                       "adam_w_mode": True},
+        },
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Data: examples -> rows -> micro-batches
+# --------------------------------------------------------------------------------------
+
+
+def to_rows(examples: Sequence[Example]) -> list[dict]:
+    """Validated examples (`rayalign.data.load_dataset`) as plain row dicts for Ray Data."""
+    return [dataclasses.asdict(e) for e in examples]
+
+
+def _present(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What the loop needs to know about a phase's whole dataset before it starts."""
+
+    batches_per_epoch: int  # micro-batches per rank per epoch (sets the schedule length)
+    precomputed_ref: bool  # reference log-prob columns present (else a reference model)
+
+
+def plan_data(examples: Sequence[Example], train: TrainConfig, world_size: int) -> DataPlan:
+    """Check that the examples fit the objective and count the micro-batches per rank.
+
+    Ray Train splits a dataset into equal shards of ``len // world_size`` rows. Reference
+    log-probs must be present in every row or in none (a mix is a data error).
+    """
+    kind = OBJECTIVE_DATA_KIND[train.objective]
+    expected = _EXAMPLE_TYPE[kind]
+    if not all(isinstance(e, expected) for e in examples):
+        got = next(type(e).__name__ for e in examples if not isinstance(e, expected))
+        raise ValueError(f"objective {train.objective!r} needs {kind} data, got {got} rows")
+    if kind == "unpaired":
+        chosen = sum(e.label for e in examples)
+        rows = min(chosen, len(examples) - chosen) // world_size
+        ref_flags = [_present(e.ref_logps) for e in examples]
+    else:
+        rows = len(examples) // world_size
+        ref_flags = [_present(e.ref_chosen_logps) and _present(e.ref_rejected_logps)
+                     for e in examples] if kind == "preference" else [False]
+    if any(ref_flags) and not all(ref_flags):
+        missing = ref_flags.index(False) + 1
+        raise ValueError(f"reference log-probs are present in some rows but not in row {missing}")
+    if rows == 0:
+        raise ValueError(f"{len(examples)} rows cannot fill one micro-batch on {world_size} ranks")
+    return DataPlan(math.ceil(rows / train.micro_batch_size), all(ref_flags) and kind != "sft")
+
+
+def micro_batches(rows: Iterable[Mapping], objective: str, size: int) -> Iterator[list[Mapping]]:
+    """One epoch of a rank's rows grouped into micro-batches (module docstring)."""
+    if objective != "aot_unpaired":
+        it = iter(rows)
+        while chunk := list(itertools.islice(it, size)):
+            yield chunk
+        return
+    buffers: dict[bool, list[Mapping]] = {True: [], False: []}
+    for row in rows:
+        buffers[bool(row["label"])].append(row)
+        if len(buffers[True]) >= size and len(buffers[False]) >= size:
+            yield buffers[True][:size] + buffers[False][:size]
+            buffers = {k: v[size:] for k, v in buffers.items()}
+
+
+@dataclass
+class MicroBatch:
+    """Tokenized sequences of one micro-batch; pairs put chosen rows before rejected rows."""
+
+    sequences: SequenceBatch
+    num_examples: int  # pairs, or SFT rows
+    ref_logps: Tensor | None  # (2B,) chosen then rejected, when precomputed
+    weights: Tensor | None  # (B,) for weighted_dpo
+
+
+def build_micro_batch(
+    tokenizer, rows: Sequence[Mapping], objective: str, data: DataConfig, precomputed_ref: bool
+) -> MicroBatch:
+    """Tokenize and collate one micro-batch of row dicts (`to_rows` format)."""
+    kind = OBJECTIVE_DATA_KIND[objective]
+    ex = [_EXAMPLE_TYPE[kind](**{f.name: row.get(f.name) for f in
+                                 dataclasses.fields(_EXAMPLE_TYPE[kind]) if f.name in row})
+          for row in rows]
+    lengths = (data.max_prompt_length, data.max_length)
+    if kind == "sft":
+        seqs = collate([encode(tokenizer, e.prompt, e.response, *lengths) for e in ex],
+                       tokenizer.pad_token_id)
+        return MicroBatch(seqs, len(ex), None, None)
+    if kind == "unpaired":
+        chosen = [e for e in ex if e.label]
+        rejected = [e for e in ex if not e.label]
+        ordered = chosen + rejected
+        seqs = collate([encode(tokenizer, e.prompt, e.completion, *lengths) for e in ordered],
+                       tokenizer.pad_token_id)
+        ref = [e.ref_logps for e in ordered] if precomputed_ref else None
+        return MicroBatch(seqs, len(chosen), _tensor(ref), None)
+    seqs = collate_pairs(tokenizer, [e.prompt for e in ex], [e.chosen for e in ex],
+                         [e.rejected for e in ex], *lengths)
+    ref = ([e.ref_chosen_logps for e in ex] + [e.ref_rejected_logps for e in ex]
+           if precomputed_ref else None)
+    weights = _tensor([e.weight for e in ex]) if objective == "weighted_dpo" else None
+    return MicroBatch(seqs, len(ex), _tensor(ref), weights)
+
+
+def _tensor(values: Sequence[float] | None) -> Tensor | None:
+    return None if values is None else torch.tensor([float(v) for v in values],
+                                                    dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Objective
+# --------------------------------------------------------------------------------------
+
+
+def objective_loss(
+    objective: str,
+    train: TrainConfig,
+    policy_logps: Tensor,
+    num_tokens: Tensor,
+    ref_logps: Tensor | None,
+    weights: Tensor | None,
+    num_chosen: int,
+) -> tuple[Tensor, losses.PreferenceTerms | None]:
+    """The loss of one micro-batch, and the preference terms (rewards) for logging.
+
+    ``policy_logps`` / ``num_tokens`` / ``ref_logps`` hold the chosen sequences first
+    (``num_chosen`` of them), then the rejected ones; SFT has no reference and no terms.
+    """
+    if objective == "sft":
+        return losses.sft_loss(policy_logps, num_tokens), None
+    pc, pr = policy_logps[:num_chosen], policy_logps[num_chosen:]
+    rc, rr = ref_logps[:num_chosen], ref_logps[num_chosen:]
+    if objective in ("dpo", "weighted_dpo"):
+        terms = losses.dpo_terms(pc, pr, rc, rr, beta=train.beta, weights=weights,
+                                 label_smoothing=train.label_smoothing)
+    elif objective == "ipo":
+        terms = losses.ipo_terms(pc, pr, rc, rr, beta=train.beta,
+                                 chosen_lengths=num_tokens[:num_chosen],
+                                 rejected_lengths=num_tokens[num_chosen:])
+    elif objective in ("aot", "aot_unpaired"):
+        terms = losses.aot_terms(pc, pr, rc, rr, beta=train.beta, paired=objective == "aot",
+                                 loss=train.aot_loss, label_smoothing=train.label_smoothing)
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    return terms.loss, terms
+
+
+# --------------------------------------------------------------------------------------
+# Phases and the trainer
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One objective over one dataset: ``train.objective`` on this rank's ``rows``.
+
+    ``rows`` are row dicts (`to_rows`) of this rank's shard; iterating it again starts a new
+    epoch (a list, or an adapter over a Ray Data shard). ``plan`` comes from `plan_data` on
+    the whole dataset.
+    """
+
+    name: str
+    train: TrainConfig
+    data: DataConfig
+    rows: Iterable[Mapping]
+    plan: DataPlan
+
+    @property
+    def steps(self) -> int:
+        return total_steps(self.train, self.plan.batches_per_epoch)
+
+
+@dataclass
+class PhaseState:
+    """Position in a phase; saved with every DeepSpeed checkpoint for exact resume."""
+
+    phase: str
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches consumed in the current epoch (skipped ones too)
+    nonfinite_run: int = 0  # consecutive skipped micro-batches
+
+
+@dataclass
+class PhaseResult:
+    state: PhaseState
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per step
+
+
+GradHook = Callable[["Trainer"], None]
+"""Called once per optimizer step, after the last backward of the accumulation (gradients
+reduced and averaged over ranks) and before clipping and the optimizer step. Use
+`Trainer.local_params` and `Trainer.update_local_grads` inside it."""
+
+StepCallback = Callable[[PhaseState, dict[str, float]], None]
+"""Called on every rank after each optimizer step with the state and the step's metrics."""
+
+
+class Trainer:
+    """A policy in a DeepSpeed engine on this rank, plus its tokenizer and reference model.
+
+    Args:
+        policy: checkpoint of the initial policy; also the reference model of objectives
+            without precomputed reference log-probs (loaded lazily, frozen, unpartitioned).
+        train: the engine-level settings (`_ENGINE_FIELDS`) of every phase run on it.
+        dtype: ModelConfig dtype name; "auto" = bfloat16 on GPU, float32 on CPU.
+    """
+
+    def __init__(self, policy: str | Path, train: TrainConfig, dtype: str = "auto"):
+        import deepspeed
+
+        if not dist.is_initialized():
+            raise RuntimeError("Trainer needs an initialized torch.distributed process group")
+        self.policy_path, self.engine_train = str(policy), train
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if train.use_gpu and torch.cuda.is_available() else torch.device("cpu"))
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = load_tokenizer(policy)
+        model = load_model(ModelConfig(path=self.policy_path, dtype="float32"), self.device,
+                           trainable=True)
+        torch.manual_seed(train.seed)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(),
+            config=deepspeed_config(train, self.world_size, self.dtype),
+            dist_init_required=False,
+        )
+        self._reference: torch.nn.Module | None = None
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run_phase(
+        self,
+        phase: Phase,
+        state: PhaseState | None = None,
+        on_step: StepCallback | None = None,
+        grad_hook: GradHook | None = None,
+    ) -> PhaseResult:
+        """Train ``phase`` from ``state`` (a fresh start if None) to its last step."""
+        for name in _ENGINE_FIELDS:
+            if getattr(phase.train, name) != getattr(self.engine_train, name):
+                raise ValueError(f"phase {phase.name!r}: {name} differs from the engine's "
+                                 f"({getattr(phase.train, name)} vs "
+                                 f"{getattr(self.engine_train, name)})")
+        state = state or PhaseState(phase.name)
+        if state.phase != phase.name:
+            raise ValueError(f"state belongs to phase {state.phase!r}, not {phase.name!r}")
+        for group in self.engine.optimizer.param_groups:
+            group["weight_decay"] = phase.train.weight_decay
+        result, steps = PhaseResult(state), phase.steps
+        sums: dict[str, float] = {}
+        started = time.perf_counter()
+        while state.step < steps:  # one epoch (or the rest of one) per iteration
+            batches = micro_batches(phase.rows, phase.train.objective,
+                                    phase.train.micro_batch_size)
+            batches = itertools.islice(batches, state.batch_in_epoch, None)
+            consumed_any = False
+            while state.step < steps and self._all((rows := next(batches, None)) is not None):
+                consumed_any = True
+                state.batch_in_epoch += 1
+                if not self._micro_step(phase, rows, state, sums):
+                    continue
+                if not self.engine.is_gradient_accumulation_boundary():
+                    self.engine.step()
+                    continue
+                if grad_hook is not None:
+                    grad_hook(self)
+                lr = lr_at(state.step, steps, phase.train)
+                for group in self.engine.optimizer.param_groups:
+                    group["lr"] = lr
+                self.engine.step()
+                state.step += 1
+                now = time.perf_counter()
+                metrics = self._reduce_metrics(sums, now - started, lr, state)
+                sums, started = {}, now
+                result.history.append(metrics)
+                if self.rank == 0:
+                    log.info("phase %s step %d/%d %s", phase.name, state.step, steps, metrics)
+                if on_step is not None:
+                    on_step(state, metrics)
+            if state.step >= steps:
+                break
+            if not consumed_any and state.batch_in_epoch == 0:
+                raise ValueError(f"phase {phase.name!r}: a rank has no rows for epoch "
+                                 f"{state.epoch}")
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        return result
+
+    def _micro_step(self, phase: Phase, rows: list[Mapping], state: PhaseState,
+                    sums: dict[str, float]) -> bool:
+        """Forward + backward of one micro-batch; False if it was skipped as non-finite."""
+        train = phase.train
+        batch = build_micro_batch(self.tokenizer, rows, train.objective, phase.data,
+                                  phase.plan.precomputed_ref)
+        seqs = batch.sequences.to(self.device)
+        policy_logps, num_tokens = sequence_logprobs(self.engine, seqs)
+        ref = batch.ref_logps
+        if ref is None and train.objective != "sft":
+            with torch.no_grad():
+                ref, _ = sequence_logprobs(self.reference(), seqs)
+        ref = None if ref is None else ref.to(self.device, policy_logps.dtype)
+        weights = None if batch.weights is None else batch.weights.to(self.device)
+        loss, terms = objective_loss(train.objective, train, policy_logps, num_tokens, ref,
+                                     weights, batch.num_examples)
+        if not self._all(bool(torch.isfinite(loss))):
+            state.nonfinite_run += 1
+            if state.nonfinite_run > train.max_nan_steps:
+                raise NonFiniteLossError(
+                    f"phase {phase.name!r}: {state.nonfinite_run} consecutive micro-batches "
+                    f"with a non-finite loss (last: epoch {state.epoch}, micro-batch "
+                    f"{state.batch_in_epoch}, optimizer step {state.step}); max_nan_steps="
+                    f"{train.max_nan_steps}")
+            log.warning("phase %s: non-finite loss at epoch %d micro-batch %d, skipped",
+                        phase.name, state.epoch, state.batch_in_epoch)
+            _add(sums, skipped=1.0)
+            return False
+        state.nonfinite_run = 0
+        self.engine.backward(loss)
+        _add(sums, loss=loss.item(), micro_batches=1.0, examples=float(batch.num_examples),
+             tokens=float(seqs.attention_mask.sum()))
+        if terms is not None:
+            chosen, rejected = terms.chosen_rewards.mean().item(), terms.rejected_rewards.mean().item()
+            _add(sums, chosen_reward=chosen, rejected_reward=rejected, margin=chosen - rejected)
+            if train.objective != "aot_unpaired":  # accuracy needs pairs
+                wins = (terms.chosen_rewards > terms.rejected_rewards).float().mean().item()
+                _add(sums, accuracy=wins)
+        if weights is not None:
+            _add(sums, weight=weights.mean().item())
+        return True
+
+    def _reduce_metrics(self, sums: dict[str, float], seconds: float, lr: float,
+                        state: PhaseState) -> dict[str, float]:
+        """Per-step metrics: means over micro-batches and ranks, rates over all ranks."""
+        keys = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "weight",
+                "micro_batches", "examples", "tokens", "skipped")
+        totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        t = dict(zip(keys, totals.tolist()))
+        n = max(t["micro_batches"], 1.0)
+        metrics = {"step": float(state.step), "epoch": float(state.epoch), "lr": lr,
+                   "loss": t["loss"] / n, "examples_per_s": t["examples"] / seconds,
+                   "tokens_per_s": t["tokens"] / seconds, "skipped": t["skipped"]}
+        metrics.update({k: t[k] / n for k in ("chosen_reward", "rejected_reward", "margin",
+                                              "accuracy", "weight") if k in sums})
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        return metrics
+
+    def _all(self, flag: bool) -> bool:
+        """True iff ``flag`` is true on every rank (one all-reduce when distributed)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([0 if flag else 1], dtype=torch.int32)
+        dist.all_reduce(t)
+        return int(t) == 0
+
+    def reference(self) -> torch.nn.Module:
+        """The frozen initial policy, loaded on first use."""
+        if self._reference is None:
+            self._reference = load_model(ModelConfig(path=self.policy_path), self.device)
+            self._reference.to(self.dtype)
+        return self._reference
+
+    # -- gradient hook helpers -------------------------------------------------------------
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def local_params(self) -> dict[str, Tensor]:
+        """This rank's pieces of the fp32 (master) parameters, by name.
+
+        ZeRO 0/1/2: the full tensor (shape of the parameter). ZeRO-3: the rank's flat 1-D
+        partition (the full numel is ``param.ds_numel``). Collective under ZeRO 1/2: call on
+        every rank.
+        """
+        return {name: _local_param(p) for name, p in self._trainable()}
+
+    def update_local_grads(self, fn: Callable[[str, Tensor, Tensor], Tensor]) -> None:
+        """``grad_piece <- fn(name, param_piece, grad_piece)`` for every trainable parameter.
+
+        Pieces are those of `local_params`; the gradient is the reduced, averaged, unclipped
+        one in the accumulation dtype (DeepSpeed's ``safe_get/set_local_grad`` under ZeRO-3,
+        ``safe_get/set_full_grad`` otherwise). ``fn`` may modify the gradient in place and
+        return it. Collective under ZeRO 1/2: call on every rank.
+        """
+        from deepspeed.utils import (safe_get_full_grad, safe_get_local_grad,
+                                     safe_set_full_grad, safe_set_local_grad)
+
+        for name, p in self._trainable():
+            if hasattr(p, "ds_id"):
+                safe_set_local_grad(p, fn(name, _local_param(p), safe_get_local_grad(p)))
+            else:
+                safe_set_full_grad(p, fn(name, _local_param(p), safe_get_full_grad(p)))
+
+    def _trainable(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def save_state(self, directory: str | Path, state: PhaseState) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, this rank's partitions) + `state`.
+
+        Collective: every rank calls it with a directory of its own or a shared one.
+        """
+        self.engine.save_checkpoint(str(directory), tag=_DS_TAG,
+                                    client_state={"phase_state": dataclasses.asdict(state)})
+
+    def load_state(self, directory: str | Path) -> PhaseState:
+        """Restore weights, optimizer and the phase position saved by `save_state`."""
+        path, client = self.engine.load_checkpoint(str(directory), tag=_DS_TAG)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
+        return PhaseState(**client["phase_state"])
+
+    def export(self, out_dir: str | Path) -> Path | None:
+        """Hugging Face checkpoint (safetensors + tokenizer) of the current policy.
+
+        Collective: under ZeRO-3 the full weights are gathered on every rank for the write.
+        Rank 0 writes atomically and returns the path; other ranks return None.
+        """
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if self.rank == 0:
+                out = save_checkpoint(self.module, self.tokenizer, out_dir)
+        dist.barrier()
+        return out if self.rank == 0 else None
+
+
+def _local_param(p: torch.nn.Parameter) -> Tensor:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+
+    if hasattr(p, "ds_id"):
+        return safe_get_local_fp32_param(p)
+    full = safe_get_full_fp32_param(p)
+    return p.detach() if full is None else full
+
+
+def _add(sums: dict[str, float], **values: float) -> None:
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0.0) + value

@@ -1,0 +1,252 @@
+"""rayalign.train without Ray: one rank (gloo process group of size 1), real DeepSpeed.
+
+Every objective trains on a small toy set until its loss drops, exports a Hugging Face
+checkpoint that `transformers` loads, and the exported model scores the data differently
+from the initial one. The schedule, micro-batching and data planning are checked as pure
+functions; resume, precomputed reference columns, weights and NaN skipping against a
+second run of the same loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from rayalign import toytask
+from rayalign.config import DataConfig, TrainConfig
+from rayalign.data import PreferenceExample, SFTExample, UnpairedExample, collate_pairs
+from rayalign.logprobs import sequence_logprobs
+from rayalign.models import load_model, load_tokenizer
+from rayalign.train import (
+    DataPlan,
+    NonFiniteLossError,
+    Phase,
+    Trainer,
+    deepspeed_config,
+    lr_at,
+    micro_batches,
+    plan_data,
+    to_rows,
+    total_steps,
+)
+
+LIMITS = dict(max_prompt_length=32, max_length=64)
+
+
+def toy_examples(kind: str, n: int = 16, seed: int = 1) -> list:
+    """SFT rows of the sorting task; pairs = (gold, another prompt's gold); unpaired halves."""
+    rows = toytask.make_rows(n, seed)
+    if kind == "sft":
+        return [SFTExample(r["prompt"], r["completion"]) for r in rows]
+    wrong = [rows[(i + 1) % n]["completion"] for i in range(n)]
+    if kind == "preference":
+        return [PreferenceExample(r["prompt"], r["completion"], w) for r, w in zip(rows, wrong)]
+    return [UnpairedExample(r["prompt"], r["completion"] if i % 2 else w, bool(i % 2))
+            for i, (r, w) in enumerate(zip(rows, wrong))]
+
+
+def make_phase(examples, name="p", world_size=1, **train) -> Phase:
+    cfg = TrainConfig(**{"lr": 1e-3, "micro_batch_size": 4, "beta": 0.5, "warmup_ratio": 0.0,
+                         **train})
+    kind = {"sft": "sft", "aot_unpaired": "unpaired"}.get(cfg.objective, "preference")
+    return Phase(name, cfg, DataConfig(path="toy.jsonl", kind=kind, **LIMITS), to_rows(examples),
+                 plan_data(examples, cfg, world_size))
+
+
+def params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A gloo process group of size 1, as torchrun would set it up."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k)
+        else:
+            os.environ[k] = v
+
+
+# -- pure pieces ---------------------------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    cfg = TrainConfig(lr=1.0, warmup_ratio=0.25)
+    lrs = [lr_at(s, 8, cfg) for s in range(8)]
+    # warmup = 2 steps: 1/2, 2/2; then 0.5 (1 + cos(pi k / 6)), k = 0..5
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_total_steps_counts_full_accumulation_cycles():
+    cfg = TrainConfig(epochs=3, gradient_accumulation_steps=2)
+    assert total_steps(cfg, 5) == 7  # 15 micro-batches -> 7 steps, the 15th is dropped
+    assert total_steps(cfg.model_copy(update={"max_steps": 4}), 5) == 4
+    with pytest.raises(ValueError, match="less than one optimizer step"):
+        total_steps(TrainConfig(gradient_accumulation_steps=4), 3)
+
+
+def test_deepspeed_config_follows_train_config():
+    cfg = TrainConfig(micro_batch_size=3, gradient_accumulation_steps=2, zero_stage=3,
+                      max_grad_norm=0.5, lr=2e-5, weight_decay=0.1)
+    ds = deepspeed_config(cfg, world_size=4, dtype=torch.bfloat16)
+    assert ds["train_batch_size"] == 24 and ds["zero_optimization"] == {"stage": 3}
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    assert ds["optimizer"]["params"]["lr"] == 2e-5
+    assert ds["optimizer"]["params"]["weight_decay"] == 0.1
+    with pytest.raises(ValueError, match="float16"):
+        deepspeed_config(cfg, 1, torch.float16)
+
+
+def test_unpaired_micro_batches_balance_labels_and_drop_leftovers():
+    rows = [{"label": lab, "i": i} for i, lab in enumerate([1, 1, 1, 0, 1, 0, 0, 1, 0])]
+    batches = list(micro_batches(rows, "aot_unpaired", 2))
+    # chosen 0,1 + rejected 3,5 once 5 is seen; then chosen 2,4 + rejected 6,8; 7 is left over
+    assert [[r["i"] for r in b] for b in batches] == [[0, 1, 3, 5], [2, 4, 6, 8]]
+    assert [len(b) for b in micro_batches(rows, "dpo", 4)] == [4, 4, 1]
+
+
+def test_plan_data_checks_kind_and_reference_columns():
+    pairs = toy_examples("preference", 10)
+    assert plan_data(pairs, TrainConfig(micro_batch_size=2), 2) == DataPlan(3, False)
+    with_ref = [dataclasses.replace(e, ref_chosen_logps=-1.0, ref_rejected_logps=-2.0)
+                for e in pairs]
+    assert plan_data(with_ref, TrainConfig(), 1).precomputed_ref
+    with pytest.raises(ValueError, match="not in row 10"):
+        plan_data(with_ref[:9] + pairs[9:], TrainConfig(), 1)
+    with pytest.raises(ValueError, match="needs sft data, got PreferenceExample"):
+        plan_data(pairs, TrainConfig(objective="sft"), 1)
+    unpaired = toy_examples("unpaired", 10)  # 5 true, 5 false -> 2 per rank of each
+    assert plan_data(unpaired, TrainConfig(objective="aot_unpaired", micro_batch_size=2),
+                     2).batches_per_epoch == 1
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+OBJECTIVES = ["sft", "dpo", "weighted_dpo", "ipo", "aot", "aot_unpaired"]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_each_objective_learns_and_exports(one_rank, tiny_gpt2, tmp_path, objective):
+    kind = {"sft": "sft", "aot_unpaired": "unpaired"}.get(objective, "preference")
+    examples = toy_examples(kind)
+    if objective == "weighted_dpo":
+        examples = [dataclasses.replace(e, weight=0.5 + i % 3) for i, e in enumerate(examples)]
+    phase = make_phase(examples, objective=objective, epochs=4,
+                       beta=0.5)
+    trainer = Trainer(tiny_gpt2, phase.train)
+    history = trainer.run_phase(phase).history
+    first, last = history[0]["loss"], history[-1]["loss"]
+    assert len(history) == phase.steps == 4 * math.ceil(len(examples) / 2 / 4 if kind ==
+                                                         "unpaired" else len(examples) / 4)
+    assert last < 0.9 * first, [h["loss"] for h in history]
+    if objective in ("dpo", "weighted_dpo", "ipo"):
+        assert history[-1]["margin"] > 0 and history[-1]["accuracy"] > 0.5
+    out = trainer.export(tmp_path / "policy")
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    initial = load_model(tiny_gpt2)
+    tok = load_tokenizer(out)
+    e = examples[0]
+    batch = collate_pairs(tok, [e.prompt], [getattr(e, "chosen", None) or
+                                            getattr(e, "response", None) or e.completion],
+                          ["x"], **LIMITS)
+    with torch.no_grad():
+        before, _ = sequence_logprobs(initial, batch)
+        after, _ = sequence_logprobs(exported, batch)
+    assert not torch.allclose(before, after, atol=1e-3), (before, after)
+
+
+def test_precomputed_reference_columns_equal_reference_model(one_rank, tiny_gpt2):
+    examples = toy_examples("preference", 8)
+    tok, ref = load_tokenizer(tiny_gpt2), load_model(tiny_gpt2)
+    batch = collate_pairs(tok, [e.prompt for e in examples], [e.chosen for e in examples],
+                          [e.rejected for e in examples], **LIMITS)
+    with torch.no_grad():
+        logps, _ = sequence_logprobs(ref, batch)
+    with_ref = [dataclasses.replace(e, ref_chosen_logps=float(logps[i]),
+                                    ref_rejected_logps=float(logps[8 + i]))
+                for i, e in enumerate(examples)]
+    results = []
+    for data in (examples, with_ref):
+        phase = make_phase(data, max_steps=3)
+        assert phase.plan.precomputed_ref == (data is with_ref)
+        trainer = Trainer(tiny_gpt2, phase.train)
+        trainer.run_phase(phase)
+        results.append(params(trainer))
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=1e-6)
+
+
+def test_zero_weights_leave_the_policy_unchanged(one_rank, tiny_gpt2):
+    """weighted_dpo reads the weight column: w = 0 gives zero gradients and no Adam update."""
+    examples = [dataclasses.replace(e, weight=0.0) for e in toy_examples("preference", 8)]
+    phase = make_phase(examples, objective="weighted_dpo", max_steps=2)
+    trainer = Trainer(tiny_gpt2, phase.train)
+    before = params(trainer)
+    history = trainer.run_phase(phase).history
+    assert history[-1]["weight"] == 0.0 and history[-1]["loss"] == 0.0
+    for name, value in params(trainer).items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+
+
+def test_non_finite_loss_is_skipped_then_fails(one_rank, tiny_gpt2):
+    examples = toy_examples("preference", 12)
+    good = [dataclasses.replace(e, ref_chosen_logps=-20.0, ref_rejected_logps=-20.0)
+            for e in examples]
+    nan = [dataclasses.replace(e, ref_chosen_logps=float("nan")) for e in good]
+    cfg = TrainConfig(lr=1e-3, micro_batch_size=4, max_steps=1, max_nan_steps=1)
+    data = DataConfig(path="toy.jsonl", kind="preference", **LIMITS)
+    # a NaN micro-batch before good ones is skipped (no backward) and training goes on
+    phase = Phase("p", cfg, data, to_rows(nan[:4] + good[4:]), DataPlan(3, True))
+    history = Trainer(tiny_gpt2, cfg).run_phase(phase).history
+    assert history[0]["skipped"] == 1.0 and math.isfinite(history[0]["loss"])
+    # max_nan_steps consecutive skips are tolerated, one more is an error
+    phase = Phase("p", cfg, data, to_rows(nan), DataPlan(3, True))
+    with pytest.raises(NonFiniteLossError, match="2 consecutive micro-batches.*max_nan_steps=1"):
+        Trainer(tiny_gpt2, cfg).run_phase(phase)
+
+
+def test_resume_equals_uninterrupted_run(one_rank, tiny_gpt2, tmp_path):
+    """Stop after 3 of 6 steps (mid-epoch, ZeRO-2, accumulation 2), resume, compare."""
+    phase = make_phase(toy_examples("preference", 20), max_steps=6, zero_stage=2,
+                       gradient_accumulation_steps=2, micro_batch_size=3, warmup_ratio=0.3)
+    assert phase.plan.batches_per_epoch == 7  # 3 steps = 6 micro-batches: mid-epoch
+    full = Trainer(tiny_gpt2, phase.train)
+    full.run_phase(phase)
+
+    class Stop(Exception):
+        pass
+
+    first = Trainer(tiny_gpt2, phase.train)
+
+    def stop_after_3(state, metrics):
+        if state.step == 3:
+            first.save_state(tmp_path / "ckpt", state)
+            raise Stop
+
+    with pytest.raises(Stop):
+        first.run_phase(phase, on_step=stop_after_3)
+    resumed = Trainer(tiny_gpt2, phase.train)
+    state = resumed.load_state(tmp_path / "ckpt")
+    assert (state.step, state.epoch, state.batch_in_epoch) == (3, 0, 6)
+    resumed.run_phase(phase, state)
+    expected = params(full)
+    for name, value in params(resumed).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
