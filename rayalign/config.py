@@ -84,6 +84,41 @@ class ResourcesConfig(Section):
     num_gpus: float = Field(0.0, ge=0.0)
 
 
+class PairsConfig(Section):
+    """pipelines/pairs.py: SFT rows -> samples -> distances -> weighted pairs + reference log-probs.
+
+    Each stage is a Ray Data actor pool; the sampler's batch size is `sampling.batch_size`.
+    """
+
+    sampler: ResourcesConfig = Field(ResourcesConfig(), description="PolicySampler actor pool.")
+    scorer: ResourcesConfig = Field(ResourcesConfig(), description="GuideScorer actor pool.")
+    scorer_batch_size: int = Field(16, gt=0, description="Rows per guide-encoder call.")
+    refs: ResourcesConfig = Field(ResourcesConfig(), description="Reference log-prob actor pool.")
+    refs_batch_size: int = Field(8, gt=0, description="Pairs per reference forward (2x rows).")
+    progress_bars: bool = Field(True, description="Ray Data progress bars.")
+
+
+class SamplerServiceConfig(Section):
+    """services/sampler.py: an OpenAI-compatible subset over the policy sampler (Ray Serve).
+
+    A request's fields (max_tokens, temperature, top_p, n, seed, stop) override `sampling`;
+    `sampling.max_new_tokens` is also the largest max_tokens a request may ask for.
+    """
+
+    model_path: str = Field(description="Policy checkpoint directory.")
+    served_model_name: str | None = Field(
+        None, description="The `model` name clients use; None = the checkpoint directory name."
+    )
+    sampling: SamplingConfig = SamplingConfig()
+    max_prompt_length: int | None = Field(None, gt=0, description="Keep the last N prompt tokens.")
+    max_completions: int = Field(64, gt=0, description="Largest prompts x n per request.")
+    app_name: str = "sampler"
+    route_prefix: str = Field("/", description="Clients use base_url <host>:8000<prefix>/v1.")
+    replicas: ResourcesConfig = Field(
+        ResourcesConfig(), description="num_actors sampler replicas, num_cpus / num_gpus each."
+    )
+
+
 class TrainConfig(Section):
     """One training phase: objective, optimisation and DeepSpeed settings."""
 
