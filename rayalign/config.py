@@ -160,6 +160,217 @@ class EWCConfig(Section):
     offload_anchor: bool = Field(True, description="Keep theta* on the CPU.")
 
 
+HbatVariant = Literal["hbat", "hbat_freeze", "no_ewc", "no_alternating", "sequential"]
+
+# variant -> (EWC mode of the penalized phases, whether D_IFA and D_HPA are split into N parts)
+HBAT_VARIANTS: dict[str, tuple[str, bool]] = {
+    "hbat": ("ewc", True),  # Algorithm 1
+    "hbat_freeze": ("freeze", True),  # Hbat-Freeze: freeze the top tensors instead of the penalty
+    "no_ewc": ("none", True),  # ablation "w/o EWC"
+    "no_alternating": ("ewc", False),  # ablation "w/o alternating": N = 1, with EWC
+    "sequential": ("none", False),  # the two-stage baseline: SFT, then preference training
+}
+HBAT_PREFERENCE_OBJECTIVES = ("dpo", "weighted_dpo", "aot", "aot_unpaired")
+# TrainConfig fields that describe the one engine / Ray Train job every phase runs on
+HBAT_ENGINE_FIELDS = ("zero_stage", "num_workers", "use_gpu", "cpus_per_worker", "max_failures",
+                      "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed")
+
+
+class HbatConfig(Section):
+    """jobs/hbat.py: Hbat (DESIGN.md "Hbat"; paper Algorithm 1) or one of its baselines.
+
+    `variant` fixes the EWC mode and whether the data is split (`HBAT_VARIANTS`): hbat (EWC,
+    N parts), hbat_freeze (freeze the top `ewc.freeze_fraction` tensors instead), no_ewc,
+    no_alternating (N = 1 with EWC) and sequential (N = 1, no EWC: SFT then preference).
+    `ewc.mode` and `num_splits` default from it; contradicting it is an error. All phases run
+    on one engine, so the `HBAT_ENGINE_FIELDS` of `sft` and `preference` must agree.
+    """
+
+    model: ModelConfig
+    ifa: DataConfig = Field(description="D_IFA: instruction-following (SFT) data, kind sft.")
+    hpa: DataConfig = Field(description="D_HPA: preference data, kind preference (or unpaired "
+                            "for aot_unpaired).")
+    variant: HbatVariant = "hbat"
+    num_splits: int = Field(2, ge=1, description="N of Algorithm 1 (default 2 when the variant "
+                            "alternates, else 1).")
+    ewc: EWCConfig = EWCConfig()
+    sft: TrainConfig = Field(TrainConfig(objective="sft"), description="SFT phases.")
+    preference: TrainConfig = Field(TrainConfig(), description="Preference phases; objective "
+                                    "dpo, weighted_dpo, aot or aot_unpaired.")
+    run_dir: str = Field("runs/hbat", description="Phase checkpoints, state and metrics; shared "
+                         "storage on a multi-node cluster.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variant_defaults(cls, data: object) -> object:
+        if not isinstance(data, dict) or data.get("variant", "hbat") not in HBAT_VARIANTS:
+            return data
+        mode, alternating = HBAT_VARIANTS[data.get("variant", "hbat")]
+        data = {"num_splits": 2 if alternating else 1, **data}
+        if isinstance(data.get("ewc", {}), dict):
+            data["ewc"] = {"mode": mode, **data.get("ewc", {})}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "HbatConfig":
+        mode, alternating = HBAT_VARIANTS[self.variant]
+        if self.ewc.mode != mode:
+            raise ValueError(f"variant {self.variant!r} implies ewc.mode={mode!r}, "
+                             f"got {self.ewc.mode!r}")
+        if not alternating and self.num_splits != 1:
+            raise ValueError(f"variant {self.variant!r} trains on undivided data: num_splits must "
+                             f"be 1, got {self.num_splits}")
+        if self.sft.objective != "sft":
+            raise ValueError(f"sft.objective must be 'sft', got {self.sft.objective!r}")
+        if self.preference.objective not in HBAT_PREFERENCE_OBJECTIVES:
+            raise ValueError(f"preference.objective must be one of {HBAT_PREFERENCE_OBJECTIVES}, "
+                             f"got {self.preference.objective!r}")
+        if self.ifa.kind != "sft":
+            raise ValueError(f"ifa.kind must be 'sft', got {self.ifa.kind!r}")
+        kind = "unpaired" if self.preference.objective == "aot_unpaired" else "preference"
+        if self.hpa.kind != kind:
+            raise ValueError(f"hpa.kind must be {kind!r} for {self.preference.objective}, "
+                             f"got {self.hpa.kind!r}")
+        differ = [f for f in HBAT_ENGINE_FIELDS
+                  if getattr(self.sft, f) != getattr(self.preference, f)]
+        if differ:
+            raise ValueError(f"sft and preference run on one engine; these must be equal: {differ}")
+        for name, train in (("sft", self.sft), ("preference", self.preference)):
+            if train.checkpoint_every is not None:
+                raise ValueError(f"{name}.checkpoint_every: Hbat checkpoints after every phase "
+                                 "and resumes at a phase start; leave it unset")
+            if mode == "freeze" and train.weight_decay != 0:
+                raise ValueError(f"{name}.weight_decay must be 0 for hbat_freeze: decoupled "
+                                 "weight decay would still move the frozen tensors")
+        return self
+
+
+class GuideConfig(Section):
+    """LD-Align's guide autoencoder T = (phi, psi) and its training recipe (rayalign/guide.py).
+
+    The defaults are the recipe that makes the decoder depend on the latent: a small latent
+    (`latent_dim`), a few prefix embeddings, and word dropout on the decoder's copy of the
+    response, so psi cannot reconstruct y from its own previous tokens alone.
+    """
+
+    model: str | None = Field(
+        None, description="Causal-LM checkpoint for phi and psi; None = the policy's base model."
+    )
+    init: Literal["pretrained", "config"] = Field(
+        "pretrained", description="pretrained = start from the checkpoint's weights; "
+        "config = random init from its config."
+    )
+    latent_dim: int = Field(16, gt=0, description="d: dimension of h = phi(x, y).")
+    prefix_tokens: int = Field(4, gt=0, description="k: prefix embeddings h is projected to for psi.")
+    pooling: Literal["last", "mean"] = Field(
+        "last", description="last = hidden state of the last token of [x; y] (causal: it has seen "
+        "all of them); mean = mean over the response tokens."
+    )
+    word_dropout: float = Field(
+        0.5, ge=0.0, lt=1.0,
+        description="Fraction of response tokens whose embedding is zeroed in psi's input (training only).",
+    )
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(16, gt=0, description="(prompt, response) rows per worker per step.")
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    eval_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Held-out share of rows for the informativeness metric."
+    )
+    seed: int = 0
+
+
+class GuideJobConfig(Section):
+    """jobs/train_guide.py: train the guide on SFT gold responses plus policy samples (Eq. 2)."""
+
+    sft: DataConfig = Field(description="SFT data; its truncation limits are also the guide's.")
+    samples: str = Field(description="JSONL or Parquet with columns prompt, gold, sample.")
+    base_model: str = Field(description="Checkpoint phi and psi start from unless guide.model is set.")
+    out_dir: str = Field(description="Guide checkpoint + metrics.json are written here atomically.")
+    guide: GuideConfig = GuideConfig()
+    workers: ResourcesConfig = Field(
+        ResourcesConfig(num_actors=2), description="Ray Train workers: num_actors workers, "
+        "num_cpus / num_gpus each.",
+    )
+
+
+class ScoringConfig(Section):
+    """services/scoring.py: the latent-distance REST service (Ray Serve + FastAPI)."""
+
+    guide_path: str = Field(description="Guide checkpoint directory (GuideModel.save).")
+    app_name: str = "scoring"
+    route_prefix: str = Field("/scoring", description="Distinct from the sampler app's prefix.")
+    replicas: ResourcesConfig = Field(
+        ResourcesConfig(), description="num_actors replicas, num_cpus / num_gpus each."
+    )
+    device: str = Field("auto", description="auto = cuda when the replica has a GPU, else cpu.")
+    batching: bool = Field(True, description="Dynamic batching of encoder calls (@serve.batch).")
+    max_batch_size: int = Field(64, gt=0, description="(prompt, response) pairs per encoder call.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    max_ongoing_requests: int = Field(64, gt=0, description="Concurrent requests per replica.")
+    auth_token_env: str | None = Field(
+        "RAYALIGN_SCORING_TOKEN", description="Env var holding the bearer token (read by build_app)."
+    )
+    auth_token: str | None = Field(None, description="Bearer token; prefer auth_token_env.")
+    max_items: int = Field(64, gt=0, description="Items per request.")
+    max_candidates: int = Field(64, gt=0, description="Candidates per item.")
+    max_text_chars: int = Field(8192, gt=0, description="Characters per prompt/response string.")
+    max_body_bytes: int = Field(1 << 20, gt=0)
+
+
+class TinyDefaultConfig(Section):
+    """The embedded default: a tiny random-init model and the toy sorting task (toytask.py),
+    generated into the run directory when `policy` / `data` are not given."""
+
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    train_rows: int = Field(512, gt=0)
+    eval_rows: int = Field(64, gt=0)
+    seed: int = 0
+
+
+class LDAlignConfig(Section):
+    """jobs/ld_align.py: LD-Align, Algorithm 1 (DESIGN.md "LD-Align weights").
+
+    With no `policy` and no `data` this is the embedded tiny default (CPU, a few minutes).
+    `weights: uniform` gives every pair weight 1: SPIN with the same machinery.
+    """
+
+    run_dir: str = Field("runs/ld_align_tiny", description="Local or NFS path; resumable.")
+    policy: ModelConfig | None = Field(None, description="Starting checkpoint; None = tiny default.")
+    data: DataConfig | None = Field(None, description="SFT data D; None = toy task.")
+    eval_data: DataConfig | None = Field(None, description="Held-out SFT-format data for evaluation.")
+    tiny: TinyDefaultConfig = TinyDefaultConfig()
+    sft: TrainConfig | None = Field(
+        TrainConfig(objective="sft", lr=3e-3, max_steps=120, micro_batch_size=16, num_workers=1,
+                    warmup_ratio=0.05),
+        description="Continual SFT on D that makes theta_0; null = `policy` already is theta_0.",
+    )
+    iterations: int = Field(2, ge=1, description="T: weighted-DPO iterations.")
+    weights: Literal["latent", "uniform"] = "latent"
+    guide: GuideConfig = GuideConfig()
+    guide_workers: ResourcesConfig = ResourcesConfig(num_actors=1)
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=24, batch_size=64)
+    eval_sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=24, batch_size=64)
+    pairs: PairsConfig = PairsConfig(progress_bars=False)
+    train: TrainConfig = TrainConfig(objective="weighted_dpo", beta=0.1, lr=5e-4, epochs=1,
+                                     micro_batch_size=16, num_workers=1, warmup_ratio=0.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LDAlignConfig":
+        if self.train.objective != "weighted_dpo":
+            raise ValueError("train.objective must be weighted_dpo (use weights: uniform for SPIN)")
+        if self.sft is not None and self.sft.objective != "sft":
+            raise ValueError("sft.objective must be sft")
+        if self.data is not None and self.data.kind != "sft":
+            raise ValueError("data.kind must be sft: LD-Align aligns to an SFT dataset")
+        if (self.data is None) != (self.eval_data is None):
+            raise ValueError("give data and eval_data together (or neither, for the toy task)")
+        return self
+
+
 Cfg = TypeVar("Cfg", bound=BaseModel)
 
 

@@ -58,6 +58,11 @@ class RunDir:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
+    def start(self, stage: str) -> None:
+        """Note `stage` as running (for progress and for tests that interrupt a run)."""
+        self._manifest["running"] = stage
+        write_json(self._manifest_path, self._manifest)
+
     def done(self, stage: str) -> bool:
         return stage in self._manifest["stages"]
 
@@ -68,6 +73,7 @@ class RunDir:
         entry = {"outputs": rel, "metrics": metrics, "seconds": round(seconds, 3),
                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self._manifest["stages"][stage] = entry
+        self._manifest.pop("running", None)
         write_json(self._manifest_path, self._manifest)
         return self.get(stage)
 

@@ -1,0 +1,25 @@
+import pytest
+
+from rayalign.rundir import ResumeMismatchError, RunDir, config_hash
+
+
+def test_record_resume_and_mismatch(tmp_path):
+    fp = config_hash({"a": 1})
+    run = RunDir(tmp_path / "run", fp)
+    out = run.path("iter_000", "pairs.parquet")
+    out.parent.mkdir()
+    out.write_text("x")
+    run.start("iter_000/pairs")
+    assert not run.done("iter_000/pairs")
+    run.record("iter_000/pairs", {"pairs": out}, {"n": 3}, 1.23456)
+    again = RunDir(tmp_path / "run", fp)
+    assert again.done("iter_000/pairs") and again.stages == ["iter_000/pairs"]
+    rec = again.get("iter_000/pairs")
+    assert rec.outputs == {"pairs": str(out)} and rec.metrics == {"n": 3} and rec.seconds == 1.235
+    with pytest.raises(ResumeMismatchError, match="different configuration"):
+        RunDir(tmp_path / "run", config_hash({"a": 2}))
+
+
+def test_config_hash_is_order_independent():
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 1.5})
