@@ -40,3 +40,34 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 def corpus(n: int = 2000, seed: int = 12345) -> list[str]:
     """Text to train the tiny tokenizer on, so digits and the prompt format tokenize cleanly."""
     return [r["prompt"] + r["completion"] for r in make_rows(n, seed)]
+
+
+def perturb(answer: str, rng: random.Random) -> str:
+    """A near miss of a sorted answer: two neighbours swapped, one digit dropped, repeated or
+    replaced. Always differs from ``answer`` (as a token sequence)."""
+    digits = answer.split()
+    while True:
+        out = list(digits)
+        i = rng.randrange(len(out))
+        edit = rng.choice(("swap", "drop", "repeat", "replace"))
+        if edit == "swap" and len(out) > 1:
+            j = i + 1 if i + 1 < len(out) else i - 1
+            out[i], out[j] = out[j], out[i]
+        elif edit == "drop" and len(out) > 1:
+            del out[i]
+        elif edit == "repeat":
+            out.insert(i, out[i])
+        else:
+            out[i] = str((int(out[i]) + rng.randrange(1, 10)) % 10)
+        if out != digits:
+            return " " + " ".join(out)
+
+
+def make_preference_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Preference rows (prompt, chosen = gold, rejected = a `perturb`-ed near miss)."""
+    rng = random.Random(seed)
+    rows = []
+    for row in make_rows(n, seed):
+        rows.append({"prompt": row["prompt"], "chosen": row["completion"],
+                     "rejected": perturb(row["completion"], rng)})
+    return rows

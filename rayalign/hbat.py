@@ -1,0 +1,419 @@
+"""Hbat: alternating SFT / preference phases held together by the modified EWC.
+
+Paper: shared/papers/hbat.txt, Section 4 and Algorithm 1; contract: shared/DESIGN.md, "Hbat".
+The numerics (C, AC, F, the penalty gradient, the freeze selection) are `rayalign.ewc`; this
+module is the schedule around them and the per-worker run on one `rayalign.train.Trainer`.
+
+**Schedule** (Algorithm 1). D_IFA and D_HPA are each split into N parts (`split_parts`), then
+
+    n = 1:     SFT on D_IFA^1 (no penalty: nothing has been learnt from D_HPA yet, Sec. 4.3)
+               preference on D_HPA^1, penalty toward theta^IFA weighted by F^IFA   (Eq. 5)
+    n = 2..N:  SFT on D_IFA^n, penalty toward theta^HPA weighted by F^HPA            (Eq. 8)
+               preference on D_HPA^n, penalty toward theta^IFA weighted by F^IFA   (Eq. 5)
+
+theta^IFA is the policy right after the SFT phase n (so: at the start of preference phase n),
+theta^HPA the policy after preference phase n-1 (at the start of SFT phase n): the anchor of a
+phase is always the snapshot taken when it starts, which is also theta_before of its own C
+(Eq. 7). F^k = F_max softmax(g(AC^k)) with AC^k the sum of C over all finished phases of type k
+(Eq. 10): for preference phase n that includes SFT phase n, for SFT phase n the preference
+phases 1..n-1. The baselines (`rayalign.config.HBAT_VARIANTS`) change only the penalty mode
+(ewc / freeze / none) and N (no_alternating and sequential use N = 1).
+
+**Hbat-Freeze**: where Hbat would add the penalty, the ``freeze_fraction`` tensors with the
+largest AC^k instead get a zero gradient, and their Adam first moment is zeroed when the phase
+starts, so AdamW leaves them exactly where they were (weight decay 0 is required).
+
+**ZeRO**: the hook works on `Trainer.local_params` / `Trainer.update_local_grads` pieces: a
+ZeRO-3 rank handles its own flat partition (no gather per step), the anchor is a copy of the
+same pieces (on the CPU with ``offload_anchor``). C needs whole-tensor sums: under ZeRO-3 the
+per-rank sums are all-reduced once per phase and divided by the full ``ds_numel``.
+
+**Checkpoints and resume.** After every phase all ranks write a DeepSpeed checkpoint (weights,
+optimizer, each rank's partitions) and rank 0 then records the phase in the run directory's
+manifest (`rayalign.rundir.RunDir`; atomic) with its C, the importance statistics it used and
+its training metrics. That is the whole state: the next phase is the first one not recorded;
+AC^k is the sum of the recorded C of type k; F follows from AC and the config; the anchor of the
+next phase is the parameters at its start, i.e. the checkpoint itself. Nothing else (anchors,
+F, data positions) needs saving. A run stopped inside a phase restarts that phase from the
+previous phase's checkpoint (the checkpoint of phase k replaces that of phase k-1 once k is
+recorded), so mid-phase checkpoints (`TrainConfig.checkpoint_every`) are not used here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rayalign.config import HBAT_VARIANTS, EWCConfig, HbatConfig, TrainConfig
+from rayalign.ewc import (
+    AccumulatedChange,
+    PhaseKind,
+    Snapshot,
+    add_penalty_grad_,
+    change_from_sums,
+    freeze_selection,
+    importance,
+    importance_stats,
+)
+from rayalign.rundir import RunDir, config_hash
+
+log = logging.getLogger(__name__)
+
+Penalty = Literal["none", "ewc", "freeze"]
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------
+# The schedule (pure)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HbatPhase:
+    """One phase of Algorithm 1: training on part ``round`` of D_IFA ("ifa") or D_HPA ("hpa").
+
+    ``index`` is the position in the schedule (0-based), ``round`` is n (1-based), and
+    ``penalty`` what holds the phase near its start: the EWC term, a freeze, or nothing.
+    """
+
+    index: int
+    round: int
+    kind: PhaseKind
+    penalty: Penalty
+
+    @property
+    def name(self) -> str:
+        return f"phase_{self.index:02d}_{'sft' if self.kind == 'ifa' else 'pref'}{self.round}"
+
+    @property
+    def importance_from(self) -> PhaseKind | None:
+        """Whose AC weights the penalty: F^HPA in SFT (Eq. 8), F^IFA in preference (Eq. 5)."""
+        if self.penalty == "none":
+            return None
+        return "hpa" if self.kind == "ifa" else "ifa"
+
+
+def schedule(num_splits: int, penalty: Penalty) -> list[HbatPhase]:
+    """The phases of Algorithm 1 in order: SFT n, preference n for n = 1..N.
+
+    SFT phase 1 never has a penalty (Sec. 4.3); every other phase gets ``penalty``.
+    """
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if penalty not in ("none", "ewc", "freeze"):
+        raise ValueError(f"penalty must be 'none', 'ewc' or 'freeze', got {penalty!r}")
+    phases: list[HbatPhase] = []
+    for n in range(1, num_splits + 1):
+        phases.append(HbatPhase(len(phases), n, "ifa", "none" if n == 1 else penalty))
+        phases.append(HbatPhase(len(phases), n, "hpa", penalty))
+    return phases
+
+
+def config_schedule(cfg: HbatConfig) -> list[HbatPhase]:
+    """`schedule` of a config: N = ``num_splits``, penalty = the variant's EWC mode."""
+    return schedule(cfg.num_splits, HBAT_VARIANTS[cfg.variant][0])
+
+
+def split_parts(rows: Sequence[T], num_parts: int) -> list[list[T]]:
+    """``rows`` cut into ``num_parts`` contiguous, mutually exclusive parts (Algorithm 1, l. 3).
+
+    Part k holds rows ``[k*L//N, (k+1)*L//N)``, so sizes differ by at most one and every row
+    is in exactly one part. Shuffle beforehand if the file is ordered.
+    """
+    if num_parts < 1 or len(rows) < num_parts:
+        raise ValueError(f"cannot split {len(rows)} rows into {num_parts} non-empty parts")
+    cuts = [k * len(rows) // num_parts for k in range(num_parts + 1)]
+    return [list(rows[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
+def train_config(cfg: HbatConfig, phase: HbatPhase) -> TrainConfig:
+    """The `TrainConfig` of a phase: ``cfg.sft`` for IFA phases, ``cfg.preference`` for HPA."""
+    return cfg.sft if phase.kind == "ifa" else cfg.preference
+
+
+# --------------------------------------------------------------------------------------
+# C -> AC -> F bookkeeping (pure)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhasePenalty:
+    """What one phase uses: F per tensor (EWC) or the frozen tensor names (freeze).
+
+    ``stats`` is `rayalign.ewc.importance_stats` of F (for freeze: of F computed the same way,
+    to show how concentrated the ranking was), for the per-phase log.
+    """
+
+    mode: Penalty
+    importance: dict[str, float]
+    frozen: tuple[str, ...]
+    stats: dict
+
+    def to_log(self) -> dict:
+        return {"mode": self.mode, "frozen": list(self.frozen), **self.stats}
+
+
+def phase_penalty(phase: HbatPhase, ac: AccumulatedChange, ewc: EWCConfig) -> PhasePenalty | None:
+    """The penalty of ``phase`` from the accumulated change of the other phase type, or None.
+
+    F = F_max softmax(g(AC^k)) (`rayalign.ewc.importance`; Eqs. 6, 9, 10) with k =
+    `HbatPhase.importance_from`; freeze selects the top ``freeze_fraction`` tensors by AC^k.
+    """
+    source = phase.importance_from
+    if source is None:
+        return None
+    accumulated = ac.get(source)
+    if not accumulated:
+        raise ValueError(f"{phase.name} needs F^{source.upper()}, but no {source} phase finished")
+    f = importance(accumulated, ewc.f_max, scale=ewc.scale, normalize=ewc.normalize)
+    frozen = ()
+    if phase.penalty == "freeze":
+        frozen = tuple(freeze_selection(accumulated, ewc.freeze_fraction))
+    return PhasePenalty(phase.penalty, f, frozen, importance_stats(f).to_dict())
+
+
+def accumulated_from_records(phases: Sequence[HbatPhase], changes: Sequence[Mapping[str, float]]
+                             ) -> AccumulatedChange:
+    """AC per phase type (Eq. 10) from the C of the finished phases, in schedule order."""
+    ac = AccumulatedChange()
+    for phase, change in zip(phases, changes, strict=True):
+        ac.add(phase.kind, change)
+    return ac
+
+
+# --------------------------------------------------------------------------------------
+# Gradient hooks on a Trainer (per worker)
+# --------------------------------------------------------------------------------------
+
+
+def ewc_hook(anchor: Snapshot, coeffs: Mapping[str, float]) -> Callable:
+    """`rayalign.train.GradHook` adding lambda F_i (theta_i - theta*_i) to every gradient piece.
+
+    ``coeffs`` maps tensor name -> lambda * F_i; tensors with a zero coefficient are left alone.
+    """
+
+    def add(name: str, param: Tensor, grad: Tensor) -> Tensor:
+        c = coeffs[name]
+        return add_penalty_grad_(grad, param, anchor.tensors[name], c) if c else grad
+
+    return lambda trainer: trainer.update_local_grads(add)
+
+
+def freeze_hook(frozen: Sequence[str]) -> Callable:
+    """`rayalign.train.GradHook` zeroing the gradient of the ``frozen`` tensors (Hbat-Freeze)."""
+    names = frozenset(frozen)
+    return lambda trainer: trainer.update_local_grads(
+        lambda name, param, grad: grad.zero_() if name in names else grad
+    )
+
+
+def zero_first_moment(trainer, names: Sequence[str]) -> None:
+    """Zero AdamW's ``exp_avg`` of the named tensors (all pieces this rank holds).
+
+    With a zero first moment and zero gradients AdamW's update is exactly 0, so a frozen
+    tensor keeps its value even after earlier phases built up momentum. A tensor the
+    optimizer has no state for yet (no step taken) has nothing to zero.
+    """
+    from deepspeed.utils import safe_get_local_optimizer_state, safe_set_full_optimizer_state
+
+    params = dict(trainer.module.named_parameters())
+    for name in names:
+        p = params[name]
+        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's flat partition of the state
+            state = safe_get_local_optimizer_state(p, "exp_avg")
+            if state is not None:
+                state.zero_()
+        elif hasattr(p, "_hp_mapping"):  # ZeRO 1/2 (and bf16): this rank's fragment
+            if p._hp_mapping is not None and "exp_avg" in p._hp_mapping.get_optim_state_keys():
+                safe_set_full_optimizer_state(p, torch.zeros(p.shape, dtype=torch.float32,
+                                                             device=p.device), "exp_avg")
+        else:  # ZeRO-0 in fp32: the torch optimizer holds the state of the parameter itself
+            state = trainer.engine.optimizer.state.get(p, {})
+            if "exp_avg" in state:
+                state["exp_avg"].zero_()
+
+
+def global_change(trainer, anchor: Snapshot) -> dict[str, float]:
+    """C_i (Eq. 7) of every tensor between ``anchor`` and the trainer's current parameters.
+
+    Sums of squared differences of the local pieces, all-reduced when they are ZeRO-3
+    partitions (one collective for all tensors), divided by each full tensor's numel.
+    """
+    sums = anchor.change_sums(trainer.local_params())
+    names = list(sums)
+    params = dict(trainer.module.named_parameters())
+    numel = {n: int(getattr(params[n], "ds_numel", params[n].numel())) for n in names}
+    if any(hasattr(params[n], "ds_id") for n in names) and dist.get_world_size() > 1:
+        stacked = torch.stack([sums[n].cpu() for n in names])
+        dist.all_reduce(stacked)
+        sums = dict(zip(names, stacked))
+    return change_from_sums(sums, numel)
+
+
+# --------------------------------------------------------------------------------------
+# The whole schedule on one engine (per worker, Ray-free)
+# --------------------------------------------------------------------------------------
+
+
+def fingerprint(cfg: HbatConfig) -> str:
+    """The run directory's config hash: a run resumes only under the same configuration."""
+    return config_hash(cfg.model_dump(mode="json"))
+
+
+def finished_phases(run: RunDir, phases: Sequence[HbatPhase]) -> list[HbatPhase]:
+    """The recorded prefix of ``phases``; a later phase recorded without an earlier is an error."""
+    done = [p for p in phases if run.done(p.name)]
+    if done != list(phases[:len(done)]):
+        raise RuntimeError(f"{run.root}: recorded phases {[p.name for p in done]} are not a "
+                           f"prefix of the schedule")
+    return done
+
+
+def rank_shard(rows: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Rank ``rank``'s contiguous share of ``rows``: ``len // world_size`` rows, as Ray Train."""
+    k = len(rows) // world_size
+    return list(rows[rank * k:(rank + 1) * k])
+
+
+def reference_logps(trainer, rows: Sequence[Mapping], data, batch_size: int) -> list[dict]:
+    """``rows`` with reference log-prob columns from the trainer's *current* policy.
+
+    One no-grad pass in eval mode (every rank on its own rows; collective under ZeRO-3, so
+    all ranks must pass the same number of rows). Paired rows get ``ref_chosen_logps`` /
+    ``ref_rejected_logps``, unpaired rows ``ref_logps``.
+    """
+    from rayalign.data import collate, encode
+    from rayalign.logprobs import sequence_logprobs
+
+    lengths = (data.max_prompt_length, data.max_length)
+    sides = ("chosen", "rejected") if "chosen" in rows[0] else ("completion",)
+    out = [dict(r) for r in rows]
+    trainer.module.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(out), batch_size):
+                chunk = out[start:start + batch_size]
+                seqs = [encode(trainer.tokenizer, r["prompt"], r[side], *lengths)
+                        for side in sides for r in chunk]
+                batch = collate(seqs, trainer.tokenizer.pad_token_id).to(trainer.device)
+                logps = sequence_logprobs(trainer.engine, batch)[0].float().cpu().tolist()
+                for s, side in enumerate(sides):
+                    key = "ref_logps" if side == "completion" else f"ref_{side}_logps"
+                    for r, v in zip(chunk, logps[s * len(chunk):(s + 1) * len(chunk)]):
+                        r[key] = v
+    finally:
+        trainer.module.train()
+    return out
+
+
+def _has_reference(examples: Sequence) -> bool:
+    keys = ("ref_logps",) if hasattr(examples[0], "ref_logps") else ("ref_chosen_logps",
+                                                                      "ref_rejected_logps")
+    return all(getattr(e, k, None) is not None for e in examples for k in keys)
+
+
+@dataclass(frozen=True)
+class HbatData:
+    """The N parts of D_IFA and of D_HPA (validated `rayalign.data` examples, all ranks' rows)."""
+
+    ifa: list[list]
+    hpa: list[list]
+
+    @classmethod
+    def load(cls, cfg: HbatConfig, tokenizer) -> HbatData:
+        from rayalign.data import load_dataset
+
+        n = cfg.num_splits
+        return cls(split_parts(load_dataset(cfg.ifa, tokenizer), n),
+                   split_parts(load_dataset(cfg.hpa, tokenizer), n))
+
+    def part(self, phase: HbatPhase) -> list:
+        return (self.ifa if phase.kind == "ifa" else self.hpa)[phase.round - 1]
+
+
+PhaseCallback = Callable[[HbatPhase, dict], None]
+"""Called on every rank after each phase is checkpointed (and recorded, on rank 0)."""
+
+
+def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None) -> dict:
+    """Run every unfinished phase of ``cfg``'s schedule on ``trainer``; return a summary.
+
+    Every rank calls this with a `rayalign.train.Trainer` built from ``cfg.model`` and
+    ``cfg.sft``. The run directory (shared by all ranks) must exist with ``cfg``'s
+    fingerprint (`fingerprint`; the driver creates it). Resumes after the last recorded
+    phase (module docstring). The reference model of a preference phase is the policy at its
+    start (theta^IFA, the phase's anchor), its log-probs computed once when the phase starts,
+    unless the preference file already has reference columns.
+    """
+    from rayalign.train import Phase, plan_data, to_rows
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run = RunDir(cfg.run_dir, fingerprint(cfg))
+    phases = config_schedule(cfg)
+    done = finished_phases(run, phases)
+    ac = accumulated_from_records(done, [run.get(p.name).metrics["change"] for p in done])
+    if done:
+        trainer.load_state(run.get(done[-1].name).outputs["checkpoint"])
+        if rank == 0:
+            log.info("hbat: resuming after %s (%d of %d phases done)", done[-1].name,
+                     len(done), len(phases))
+    data = HbatData.load(cfg, trainer.tokenizer)
+    for phase in phases[len(done):]:
+        started = time.perf_counter()
+        train = train_config(cfg, phase)
+        data_cfg = cfg.ifa if phase.kind == "ifa" else cfg.hpa
+        examples = data.part(phase)
+        plan = plan_data(examples, train, world)
+        rows = to_rows(rank_shard(examples, rank, world))
+        if phase.kind == "hpa" and not _has_reference(examples):
+            rows = reference_logps(trainer, rows, data_cfg, train.micro_batch_size)
+            plan = dataclasses.replace(plan, precomputed_ref=True)
+        anchor = Snapshot.take(trainer.local_params(),
+                               device="cpu" if cfg.ewc.offload_anchor else None)
+        penalty = phase_penalty(phase, ac, cfg.ewc)
+        hook = None
+        if penalty is not None and penalty.mode == "ewc":
+            hook = ewc_hook(anchor, {n: cfg.ewc.lam * f for n, f in penalty.importance.items()})
+        elif penalty is not None and penalty.mode == "freeze":
+            zero_first_moment(trainer, penalty.frozen)
+            hook = freeze_hook(penalty.frozen)
+        if rank == 0 and penalty is not None:
+            log.info("hbat %s: %s penalty, F^%s entropy %.4f (normalized %.4f), max share %.4f, "
+                     "top %s", phase.name, penalty.mode, phase.importance_from.upper(),
+                     penalty.stats["entropy"], penalty.stats["normalized_entropy"],
+                     penalty.stats["max_share"], penalty.stats["top"][:3])
+        result = trainer.run_phase(Phase(phase.name, train, data_cfg, rows, plan),
+                                   grad_hook=hook)
+        change = global_change(trainer, anchor)
+        ac.add(phase.kind, change)
+        checkpoint = run.path(phase.name, "checkpoint")
+        trainer.save_state(checkpoint, result.state)
+        dist.barrier()
+        metrics = {
+            "kind": phase.kind, "round": phase.round, "objective": train.objective,
+            "steps": result.state.step, "change": change,
+            "penalty": None if penalty is None else penalty.to_log(),
+            "first": result.history[0] if result.history else {},
+            "last": result.history[-1] if result.history else {},
+        }
+        if rank == 0:
+            run.record(phase.name, {"checkpoint": checkpoint}, metrics,
+                       time.perf_counter() - started)
+            if done:  # only the newest checkpoint is ever loaded
+                shutil.rmtree(run.path(done[-1].name, "checkpoint"), ignore_errors=True)
+        done.append(phase)
+        if on_phase is not None:
+            on_phase(phase, metrics)
+    policy = trainer.export(run.path("policy"))
+    return {"phases": [p.name for p in phases], "policy": None if policy is None else str(policy)}
+
