@@ -1,0 +1,121 @@
+"""The Ray Data pairs pipeline on the session's local Ray with the tiny GPT-2 policy.
+
+Each output is checked against an independent computation on the driver: reference log-probs
+against `sequence_logprobs` of one sequence at a time, samples against a second run with
+other batching and actor counts, weights against numpy's s / mean(s) of the written file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import ray.data
+import torch
+
+from pipelines.pairs import PAIRS_SCHEMA, build_pairs, sample_stage
+from pipelines.refs import ref_logps_stage
+from rayalign import toytask
+from rayalign.config import DataConfig, PairsConfig, ResourcesConfig, SamplingConfig
+from rayalign.data import DataError, collate, encode, read_rows
+from rayalign.logprobs import sequence_logprobs
+from rayalign.models import load_model, load_tokenizer
+
+DATA = {"max_prompt_length": 24, "max_length": 48}
+SAMPLING = SamplingConfig(max_new_tokens=10, batch_size=4, seed=11)
+PIPE = PairsConfig(progress_bars=False, refs_batch_size=4)
+
+
+def _rows(path) -> list[dict]:
+    return [row for _, row in read_rows(path)]
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    return str(toytask.write_jsonl(tmp_path_factory.mktemp("sft") / "sft.jsonl",
+                                   toytask.make_rows(10, seed=4)))
+
+
+@pytest.fixture(scope="module")
+def uniform_run(ray_cluster, tiny_gpt2, sft_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs")
+    stats = build_pairs(DataConfig(path=sft_file, **DATA), tiny_gpt2, None, out, SAMPLING, PIPE)
+    return out, stats
+
+
+def _direct_logps(model, tok, prompt: str, response: str) -> float:
+    """log p(response + EOS | prompt) for ONE unpadded sequence."""
+    seq = collate([encode(tok, prompt, response, DATA["max_prompt_length"], DATA["max_length"])],
+                  tok.pad_token_id)
+    with torch.no_grad():
+        return float(sequence_logprobs(model, seq)[0][0])
+
+
+def test_uniform_pairs_are_gold_vs_own_sample_with_weight_one(uniform_run, sft_file):
+    out, stats = uniform_run
+    sft, samples, pairs = _rows(sft_file), _rows(out / "samples.parquet"), _rows(out / "pairs.parquet")
+    assert stats["sample"]["samples"] == stats["pairs"]["pairs"] == len(sft) == 10
+    assert [s["row"] for s in samples] == list(range(10))  # the SFT file's order
+    assert [(s["prompt"], s["gold"]) for s in samples] == [(r["prompt"], r["completion"]) for r in sft]
+    assert list(pairs[0]) == PAIRS_SCHEMA.names
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == \
+        [(s["prompt"], s["gold"], s["sample"]) for s in samples]
+    assert all(p["weight"] == 1.0 and p["distance"] is None for p in pairs)
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]  # no temp leftovers
+
+
+def test_reference_logps_are_the_sampling_policys_own(uniform_run, tiny_gpt2):
+    out, _ = uniform_run
+    model, tok = load_model(tiny_gpt2), load_tokenizer(tiny_gpt2)
+    for p in _rows(out / "pairs.parquet"):
+        assert p["ref_chosen_logps"] == pytest.approx(_direct_logps(model, tok, p["prompt"], p["chosen"]), abs=1e-4)
+        assert p["ref_rejected_logps"] == pytest.approx(_direct_logps(model, tok, p["prompt"], p["rejected"]), abs=1e-4)
+
+
+def test_same_seed_same_samples_whatever_the_batching(uniform_run, tiny_gpt2, sft_file, tmp_path):
+    """Seeds follow the SFT row, so 3-row batches over 2 sampler actors give the same
+    samples as 4-row batches over 1 actor; another seed gives other samples."""
+    out, _ = uniform_run
+    first = _rows(out / "samples.parquet")
+    pipe = PIPE.model_copy(update={"sampler": ResourcesConfig(num_actors=2)})
+    data = DataConfig(path=sft_file, **DATA)
+    sample_stage(data, tiny_gpt2, tmp_path / "again.parquet",
+                 SAMPLING.model_copy(update={"batch_size": 3}), pipe)
+    assert _rows(tmp_path / "again.parquet") == first
+    sample_stage(data, tiny_gpt2, tmp_path / "other.parquet",
+                 SAMPLING.model_copy(update={"seed": 12}), PIPE)
+    other = _rows(tmp_path / "other.parquet")
+    assert sum(a["sample"] != b["sample"] for a, b in zip(first, other)) >= 8
+
+
+def test_bad_sft_row_stops_before_any_sampling(ray_cluster, tiny_gpt2, tmp_path, monkeypatch):
+    rows = toytask.make_rows(5, seed=1)
+    rows[2] = {"prompt": "sort: 3 1 =>", "completion": 7}
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def no_dataset(*args, **kwargs):
+        raise AssertionError("a Ray dataset was built before the SFT file was validated")
+
+    monkeypatch.setattr(ray.data, "from_items", no_dataset)
+    with pytest.raises(DataError) as err:
+        build_pairs(DataConfig(path=str(path), **DATA), tiny_gpt2, None, tmp_path / "out",
+                    SAMPLING, PIPE)
+    assert (err.value.source, err.value.row, err.value.field) == (str(path), 3, "completion")
+    assert "bad.jsonl, row 3, field 'completion'" in str(err.value)
+    assert not (tmp_path / "out" / "samples.parquet").exists()
+
+
+def test_ref_logps_stage_for_unpaired_data(ray_cluster, tiny_gpt2, tmp_path):
+    rows = [{"prompt": r["prompt"], "completion": r["completion"], "label": i % 2 == 0}
+            for i, r in enumerate(toytask.make_rows(5, seed=2))]
+    src = toytask.write_jsonl(tmp_path / "unpaired.jsonl", rows)
+    data = DataConfig(path=str(src), kind="unpaired", **DATA)
+    stats = ref_logps_stage(data, tiny_gpt2, tmp_path / "refs.parquet", ResourcesConfig(), 2,
+                            progress_bars=False)
+    out = _rows(tmp_path / "refs.parquet")
+    assert stats["rows"] == 5 and [r["label"] for r in out] == [r["label"] for r in rows]
+    model, tok = load_model(tiny_gpt2), load_tokenizer(tiny_gpt2)
+    direct = [_direct_logps(model, tok, r["prompt"], r["completion"]) for r in rows]
+    np.testing.assert_allclose([r["ref_logps"] for r in out], direct, atol=1e-4)
