@@ -1,0 +1,211 @@
+"""An OpenAI-compatible subset over the policy sampler, as a Ray Serve application.
+
+Endpoints (the official ``openai`` client works against ``base_url=<host>:8000<prefix>/v1``):
+
+- ``GET  /v1/models``            the one served model;
+- ``POST /v1/completions``       prompt (string or list) -> n choices per prompt;
+- ``POST /v1/chat/completions``  messages rendered with the checkpoint's chat template.
+
+Supported request fields: model, prompt / messages, max_tokens (max_completion_tokens for
+chat), temperature, top_p, n, seed, stop. Anything else (streaming, logprobs, tools, ...) is
+refused with 422 naming the field, rather than silently ignored; a wrong model name is 404,
+limits (max_tokens above `sampling.max_new_tokens`, more than `max_completions` prompts x n)
+are 400. Without ``seed`` a request gets a fresh random seed, as with OpenAI; with one, the
+same request gives the same choices.
+
+Two deployments, like Ray Serve LLM's router + server: the FastAPI ingress (`OpenAIIngress`,
+tokenizer only: chat template, token counts) and the `PolicySampler` replicas holding the
+model (actors/sampler.py), scaled and given GPUs independently from `SamplerServiceConfig`.
+
+Run: ``serve run services.sampler:app_builder config=configs/sampler_service.yaml
+model_path=/path/to/ckpt`` (every argument but ``config`` is a ``key.path=value`` override).
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the request models as classes
+# (string annotations on Serve ingress methods are not resolved, and the body would be
+# mistaken for a query parameter).
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from actors.sampler import sampler_deployment
+from rayalign.config import SamplerServiceConfig, SamplingConfig, load_config
+from rayalign.models import load_tokenizer
+from rayalign.sampling import Completion, derive_seed, prompt_token_ids
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: Literal[False] = False
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, gt=0)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rayalign"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+app = FastAPI(title="rayalign sampler (OpenAI-compatible subset)")
+
+
+@serve.deployment
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, sampler: DeploymentHandle, cfg: SamplerServiceConfig):
+        self.sampler, self.cfg = sampler, cfg
+        self.tokenizer = load_tokenizer(cfg.model_path)
+        self.model_name = cfg.served_model_name or Path(cfg.model_path).name
+        self.created = int(time.time())
+
+    @app.get("/v1/models")
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
+
+    @app.post("/v1/completions")
+    async def completions(self, request: CompletionRequest) -> CompletionResponse:
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        results, usage = await self._generate(request, prompts, request.max_tokens)
+        choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason)
+                   for i, c in enumerate(c for cs in results for c in cs)]
+        return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                                  model=self.model_name, choices=choices, usage=usage)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise HTTPException(400, f"model {self.model_name!r} has no chat template")
+        prompt = self.tokenizer.apply_chat_template(
+            [m.model_dump() for m in request.messages], tokenize=False, add_generation_prompt=True
+        )
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        results, usage = await self._generate(request, [prompt], max_tokens)
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text),
+                              finish_reason=c.finish_reason) for i, c in enumerate(results[0])]
+        return ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                                      model=self.model_name, choices=choices, usage=usage)
+
+    def _params(self, request: _Request, max_tokens: int | None) -> SamplingConfig:
+        base = self.cfg.sampling
+        if max_tokens is not None and max_tokens > base.max_new_tokens:
+            raise HTTPException(400, f"max_tokens {max_tokens} exceeds this server's limit "
+                                     f"{base.max_new_tokens}")
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop
+        update = {"max_new_tokens": max_tokens, "temperature": request.temperature,
+                  "top_p": request.top_p, "n": request.n,
+                  "stop": tuple(stop) if stop is not None else None}
+        return base.model_validate(
+            {**base.model_dump(), **{k: v for k, v in update.items() if v is not None}}
+        )
+
+    async def _generate(
+        self, request: _Request, prompts: list[str], max_tokens: int | None
+    ) -> tuple[list[list[Completion]], Usage]:
+        if request.model != self.model_name:
+            raise HTTPException(404, f"model {request.model!r} not found; this server serves "
+                                     f"{self.model_name!r}")
+        if not prompts or any(not p for p in prompts):
+            raise HTTPException(400, "prompt must be a non-empty string or list of them")
+        if len(prompts) * request.n > self.cfg.max_completions:
+            raise HTTPException(400, f"{len(prompts)} prompts x n={request.n} exceeds the "
+                                     f"limit of {self.cfg.max_completions} completions")
+        params = self._params(request, max_tokens)
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        seeds = [derive_seed(seed, i) for i in range(len(prompts))]
+        results = await self.sampler.generate.remote(prompts, seeds, params)
+        prompt_tokens = sum(len(prompt_token_ids(self.tokenizer, p, self.cfg.max_prompt_length))
+                            for p in prompts)
+        completion_tokens = sum(len(c.token_ids) for cs in results for c in cs)
+        return results, Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                              total_tokens=prompt_tokens + completion_tokens)
+
+
+def build_app(cfg: SamplerServiceConfig):
+    """The Serve application: ingress + sampler replicas (run with `serve.run`)."""
+    sampler = sampler_deployment(cfg.model_path, cfg.sampling, cfg.replicas, cfg.max_prompt_length)
+    return OpenAIIngress.bind(sampler, cfg)
+
+
+def app_builder(args: dict[str, str]):
+    """For ``serve run services.sampler:app_builder config=FILE key.path=value ...``."""
+    overrides = [f"{k}={v}" for k, v in args.items() if k != "config"]
+    return build_app(load_config(SamplerServiceConfig, args.get("config"), overrides))
