@@ -530,7 +530,8 @@ class Trainer:
         partition (the full numel is ``param.ds_numel``). Collective under ZeRO 1/2: call on
         every rank.
         """
-        return {name: _local_param(p) for name, p in self._trainable()}
+        with torch.no_grad():
+            return {name: _local_param(p).detach() for name, p in self._trainable()}
 
     def update_local_grads(self, fn: Callable[[str, Tensor, Tensor], Tensor]) -> None:
         """``grad_piece <- fn(name, param_piece, grad_piece)`` for every trainable parameter.
@@ -543,11 +544,12 @@ class Trainer:
         from deepspeed.utils import (safe_get_full_grad, safe_get_local_grad,
                                      safe_set_full_grad, safe_set_local_grad)
 
-        for name, p in self._trainable():
-            if hasattr(p, "ds_id"):
-                safe_set_local_grad(p, fn(name, _local_param(p), safe_get_local_grad(p)))
-            else:
-                safe_set_full_grad(p, fn(name, _local_param(p), safe_get_full_grad(p)))
+        with torch.no_grad():
+            for name, p in self._trainable():
+                if hasattr(p, "ds_id"):
+                    safe_set_local_grad(p, fn(name, _local_param(p), safe_get_local_grad(p)))
+                else:
+                    safe_set_full_grad(p, fn(name, _local_param(p), safe_get_full_grad(p)))
 
     def _trainable(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
