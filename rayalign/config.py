@@ -371,6 +371,21 @@ class LDAlignConfig(Section):
         return self
 
 
+class TrainJobConfig(Section):
+    """jobs/sft.py, jobs/dpo.py, jobs/aot.py: one training phase as a Ray Train job.
+
+    With no `policy` / `data` this is the embedded tiny default: a tiny model and toy-task
+    data of the kind `train.objective` needs are generated under `output_dir`.
+    """
+
+    output_dir: str = Field(description="Run directory: the HF export goes to <output_dir>/policy, "
+                                        "Ray Train checkpoints to <output_dir>/ray (local or NFS).")
+    policy: ModelConfig | None = Field(None, description="Starting checkpoint; None = tiny default.")
+    data: DataConfig | None = Field(None, description="Training data; None = toy task.")
+    tiny: TinyDefaultConfig = TinyDefaultConfig()
+    train: TrainConfig = TrainConfig()
+
+
 Cfg = TypeVar("Cfg", bound=BaseModel)
 
 
