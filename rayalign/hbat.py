@@ -226,6 +226,11 @@ def zero_first_moment(trainer, names: Sequence[str]) -> None:
     """
     from deepspeed.utils import safe_get_local_optimizer_state, safe_set_full_optimizer_state
 
+    # ZeRO 1/2 link each fragment to its optimizer state only after the engine's first step;
+    # an engine that has just loaded a checkpoint has the state but not the links yet.
+    link = getattr(trainer.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
     params = dict(trainer.module.named_parameters())
     for name in names:
         p = params[name]
@@ -234,7 +239,7 @@ def zero_first_moment(trainer, names: Sequence[str]) -> None:
             if state is not None:
                 state.zero_()
         elif hasattr(p, "_hp_mapping"):  # ZeRO 1/2 (and bf16): this rank's fragment
-            if p._hp_mapping is not None and "exp_avg" in p._hp_mapping.get_optim_state_keys():
+            if p._hp_mapping is not None and "exp_avg" in (p._hp_mapping.optim_fragment or {}):
                 safe_set_full_optimizer_state(p, torch.zeros(p.shape, dtype=torch.float32,
                                                              device=p.device), "exp_avg")
         else:  # ZeRO-0 in fp32: the torch optimizer holds the state of the parameter itself
@@ -370,6 +375,8 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
     data = HbatData.load(cfg, trainer.tokenizer)
     for phase in phases[len(done):]:
         started = time.perf_counter()
+        if rank == 0:
+            run.start(phase.name)
         train = train_config(cfg, phase)
         data_cfg = cfg.ifa if phase.kind == "ifa" else cfg.hpa
         examples = data.part(phase)
