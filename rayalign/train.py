@@ -27,7 +27,8 @@ rank's shard. ``aot_unpaired`` reads (prompt, completion, label) rows and fills 
 a micro-batch is the first ``micro_batch_size`` rows labelled true (chosen) and the first
 ``micro_batch_size`` labelled false (rejected), so chosen and rejected sets have equal sizes
 on every rank (AOT's gather needs equal per-rank sizes); rows left in a buffer at the end of
-an epoch are dropped for that epoch.
+an epoch are dropped for that epoch. A shard therefore needs both labels in about equal
+numbers (the Ray driver, actors/trainer.py, ships them so).
 
 Non-finite loss: all ranks agree (one all-reduce) and skip the micro-batch (no backward, so
 no rank's gradients see it); more than ``max_nan_steps`` consecutive skips raise
@@ -84,7 +85,7 @@ OBJECTIVE_DATA_KIND = {
 }
 _EXAMPLE_TYPE = {"sft": SFTExample, "preference": PreferenceExample, "unpaired": UnpairedExample}
 # Engine-level settings: fixed when the DeepSpeed engine is built, equal for all its phases.
-_ENGINE_FIELDS = ("zero_stage", "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm")
+ENGINE_FIELDS = ("zero_stage", "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm")
 _DS_TAG = "deepspeed"
 
 
@@ -356,7 +357,7 @@ class Trainer:
     Args:
         policy: checkpoint of the initial policy; also the reference model of objectives
             without precomputed reference log-probs (loaded lazily, frozen, unpartitioned).
-        train: the engine-level settings (`_ENGINE_FIELDS`) of every phase run on it.
+        train: the engine-level settings (`ENGINE_FIELDS`) of every phase run on it.
         dtype: ModelConfig dtype name; "auto" = bfloat16 on GPU, float32 on CPU.
     """
 
@@ -391,7 +392,7 @@ class Trainer:
         grad_hook: GradHook | None = None,
     ) -> PhaseResult:
         """Train ``phase`` from ``state`` (a fresh start if None) to its last step."""
-        for name in _ENGINE_FIELDS:
+        for name in ENGINE_FIELDS:
             if getattr(phase.train, name) != getattr(self.engine_train, name):
                 raise ValueError(f"phase {phase.name!r}: {name} differs from the engine's "
                                  f"({getattr(phase.train, name)} vs "

@@ -1,0 +1,202 @@
+"""Ray Train driver of `rayalign.train`: a TorchTrainer whose workers each run DeepSpeed.
+
+`run_phases` trains one policy through one or more phases (one objective over one dataset
+each; DESIGN.md "Engines") in a single Ray Train job, so the model is loaded once;
+`run_training` is its single-phase form (the LD-Align controller and the sft/dpo/aot jobs).
+
+Lifecycle (Ray's shard -> step -> report(checkpoint) pattern):
+
+- driver: load and validate every dataset (`rayalign.data.load_dataset`: a bad row fails here,
+  before any cluster time), plan it (`rayalign.train.plan_data`), hand it to Ray Data
+  (`from_items`; Ray Train splits each dataset into equal per-worker shards);
+- workers: `rayalign.train.Trainer` on the process group Ray Train set up (gloo on CPU, NCCL
+  on GPU), each phase on its shard (`get_dataset_shard(phase name)`), every
+  ``checkpoint_every`` steps and after each phase a DeepSpeed checkpoint (all ranks' shards
+  merged by Ray into one directory under ``storage``) via ``ray.train.report``;
+- after each phase rank 0 writes the Hugging Face export to the phase's ``export_dir``
+  (with ``train_metrics.json``: the phase's per-step history and final metrics);
+- failures: ``FailureConfig(max_failures)`` restarts the workers, which resume from the last
+  reported checkpoint (weights, optimizer, phase and step; finished phases are skipped). The
+  restarted shard is re-read from its start and the consumed micro-batches are skipped:
+  exact when Ray Data yields the shard in the same order (not guaranteed across restarts:
+  Ray Data streams blocks to workers as they ask).
+
+``export_dir`` and ``storage`` must be reachable from every node: a local path on one
+machine, NFS on a cluster (``storage`` may also be a URI Ray Train understands, s3://...).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rayalign.config import DataConfig, TrainConfig
+from rayalign.data import load_dataset
+from rayalign.io import read_json, write_json
+from rayalign.models import load_tokenizer
+from rayalign.train import ENGINE_FIELDS, DataPlan, Phase, PhaseState, Trainer, plan_data, to_rows
+
+_PROGRESS = "progress.json"
+_METRICS = "train_metrics.json"
+# Ray Train job settings, taken from the first phase: every phase must agree.
+_JOB_FIELDS = ENGINE_FIELDS + ("num_workers", "use_gpu", "cpus_per_worker", "max_failures")
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """One phase of a Ray Train job: ``train.objective`` on ``data``, exported to ``export_dir``."""
+
+    name: str
+    data: DataConfig
+    train: TrainConfig
+    export_dir: str
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    exports: dict[str, str]  # phase name -> HF export directory
+    metrics: dict[str, dict]  # phase name -> metrics of its last step
+
+    @property
+    def policy_dir(self) -> str:
+        """The export of the last phase: the trained policy."""
+        return list(self.exports.values())[-1]
+
+
+def run_training(train: TrainConfig, data: DataConfig, policy: str | Path, out: str | Path,
+                 storage: str | Path, dtype: str = "auto", name: str = "train") -> dict:
+    """Train ``policy`` on ``data`` with ``train``; HF export to ``out``; final step metrics.
+
+    ``storage`` holds the Ray Train checkpoints (absolute local path, NFS or URI). This is
+    the call of the LD-Align controller: ``data`` = the iteration's pairs.parquet with
+    weight / ref_chosen_logps / ref_rejected_logps columns, ``train.objective`` weighted_dpo.
+    """
+    spec = PhaseSpec(name, data, train, str(out))
+    return run_phases(policy, [spec], storage, dtype=dtype, name=name).metrics[name]
+
+
+def run_phases(policy: str | Path, phases: Sequence[PhaseSpec], storage: str | Path,
+               dtype: str = "auto", name: str = "train") -> TrainResult:
+    """Run ``phases`` in order on one policy in one Ray Train job (see module docstring)."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not phases or len({p.name for p in phases}) != len(phases):
+        raise ValueError(f"phases must be non-empty with unique names, got {[p.name for p in phases]}")
+    first = phases[0].train
+    for spec in phases[1:]:
+        for key in _JOB_FIELDS:
+            if getattr(spec.train, key) != getattr(first, key):
+                raise ValueError(f"phase {spec.name!r}: train.{key} must equal the first phase's "
+                                 f"({getattr(spec.train, key)} vs {getattr(first, key)})")
+    tokenizer = load_tokenizer(policy)
+    datasets, plans = {}, []
+    for spec in phases:
+        examples = load_dataset(spec.data, tokenizer)
+        try:
+            plans.append(plan_data(examples, spec.train, first.num_workers))
+        except ValueError as err:
+            raise ValueError(f"phase {spec.name!r}, {spec.data.path}: {err}") from None
+        datasets[spec.name] = ray.data.from_items(_dataset_rows(to_rows(examples),
+                                                                spec.data.kind == "unpaired"))
+    storage = str(storage) if "://" in str(storage) else str(Path(storage).absolute())
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"policy": str(policy), "dtype": dtype,
+                           "phases": list(zip(phases, plans))},
+        scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
+                                     resources_per_worker={"CPU": first.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=first.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        torch_config=TorchConfig(backend="nccl" if first.use_gpu else "gloo"),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    metrics = {spec.name: read_json(Path(spec.export_dir) / _METRICS)["final"] for spec in phases}
+    return TrainResult({spec.name: spec.export_dir for spec in phases}, metrics)
+
+
+_SIDES = ("chosen/", "rejected/")
+
+
+def _dataset_rows(rows: list[dict], unpaired: bool) -> list[dict]:
+    """Rows for Ray Data. Unpaired rows travel as (i-th label-true row, i-th label-false row)
+    records, so that every shard of Ray Train's split holds as many of each label (a split of
+    plain rows may put all true rows on one worker); `_ShardRows` unpacks them again. The
+    surplus of the larger side is dropped (`rayalign.train.plan_data` counts the same)."""
+    if not unpaired:
+        return rows
+    chosen = [r for r in rows if r["label"]]
+    rejected = [r for r in rows if not r["label"]]
+    return [{side + k: v for side, row in zip(_SIDES, pair) for k, v in row.items()}
+            for pair in zip(chosen, rejected)]
+
+
+class _ShardRows:
+    """A Ray Data shard as re-iterable rows: every ``iter`` is a new epoch."""
+
+    def __init__(self, shard, unpaired: bool):
+        self.shard, self.unpaired = shard, unpaired
+
+    def __iter__(self) -> Iterator[Mapping]:
+        for record in self.shard.iter_rows():
+            if not self.unpaired:
+                yield record
+                continue
+            for side in _SIDES:
+                yield {k[len(side):]: v for k, v in record.items() if k.startswith(side)}
+
+
+def _train_worker(config: dict) -> None:
+    """Per-worker entrypoint: resume if Ray Train hands a checkpoint, then run the phases."""
+    import ray.train
+
+    logging.basicConfig(level=logging.INFO)
+    phases: list[tuple[PhaseSpec, DataPlan]] = config["phases"]
+    trainer = Trainer(config["policy"], phases[0][0].train, config["dtype"])
+    start, state = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = read_json(Path(directory) / _PROGRESS)["phase_index"]
+            state = trainer.load_state(directory)
+    for index in range(start, len(phases)):
+        spec, plan = phases[index]
+        phase = Phase(spec.name, spec.train, spec.data,
+                      _ShardRows(ray.train.get_dataset_shard(spec.name),
+                                 spec.data.kind == "unpaired"), plan)
+        if state is not None and state.step >= phase.steps:  # finished and exported
+            state = None
+            continue
+        every = spec.train.checkpoint_every
+
+        def on_step(s: PhaseState, metrics: dict, index=index, steps=phase.steps) -> None:
+            if every and s.step % every == 0 and s.step < steps:
+                _report(trainer, index, s, metrics)
+
+        result = trainer.run_phase(phase, state, on_step)
+        state = None
+        final = result.history[-1]
+        if trainer.export(spec.export_dir) is not None:
+            write_json(Path(spec.export_dir) / _METRICS,
+                       {"phase": spec.name, "final": final, "history": result.history})
+        _report(trainer, index, result.state, {"phase": spec.name, **final})
+
+
+def _report(trainer: Trainer, index: int, state: PhaseState, metrics: dict) -> None:
+    """Checkpoint every rank's DeepSpeed state and report it with ``metrics``."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        trainer.save_state(directory, state)
+        if trainer.rank == 0:
+            write_json(os.path.join(directory, _PROGRESS), {"phase_index": index})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
