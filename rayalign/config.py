@@ -160,91 +160,6 @@ class EWCConfig(Section):
     offload_anchor: bool = Field(True, description="Keep theta* on the CPU.")
 
 
-HbatVariant = Literal["hbat", "hbat_freeze", "no_ewc", "no_alternating", "sequential"]
-
-# variant -> (EWC mode of the penalized phases, whether D_IFA and D_HPA are split into N parts)
-HBAT_VARIANTS: dict[str, tuple[str, bool]] = {
-    "hbat": ("ewc", True),  # Algorithm 1
-    "hbat_freeze": ("freeze", True),  # Hbat-Freeze: freeze the top tensors instead of the penalty
-    "no_ewc": ("none", True),  # ablation "w/o EWC"
-    "no_alternating": ("ewc", False),  # ablation "w/o alternating": N = 1, with EWC
-    "sequential": ("none", False),  # the two-stage baseline: SFT, then preference training
-}
-HBAT_PREFERENCE_OBJECTIVES = ("dpo", "weighted_dpo", "aot", "aot_unpaired")
-# TrainConfig fields that describe the one engine / Ray Train job every phase runs on
-HBAT_ENGINE_FIELDS = ("zero_stage", "num_workers", "use_gpu", "cpus_per_worker", "max_failures",
-                      "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed")
-
-
-class HbatConfig(Section):
-    """jobs/hbat.py: Hbat (DESIGN.md "Hbat"; paper Algorithm 1) or one of its baselines.
-
-    `variant` fixes the EWC mode and whether the data is split (`HBAT_VARIANTS`): hbat (EWC,
-    N parts), hbat_freeze (freeze the top `ewc.freeze_fraction` tensors instead), no_ewc,
-    no_alternating (N = 1 with EWC) and sequential (N = 1, no EWC: SFT then preference).
-    `ewc.mode` and `num_splits` default from it; contradicting it is an error. All phases run
-    on one engine, so the `HBAT_ENGINE_FIELDS` of `sft` and `preference` must agree.
-    """
-
-    model: ModelConfig
-    ifa: DataConfig = Field(description="D_IFA: instruction-following (SFT) data, kind sft.")
-    hpa: DataConfig = Field(description="D_HPA: preference data, kind preference (or unpaired "
-                            "for aot_unpaired).")
-    variant: HbatVariant = "hbat"
-    num_splits: int = Field(2, ge=1, description="N of Algorithm 1 (default 2 when the variant "
-                            "alternates, else 1).")
-    ewc: EWCConfig = EWCConfig()
-    sft: TrainConfig = Field(TrainConfig(objective="sft"), description="SFT phases.")
-    preference: TrainConfig = Field(TrainConfig(), description="Preference phases; objective "
-                                    "dpo, weighted_dpo, aot or aot_unpaired.")
-    run_dir: str = Field("runs/hbat", description="Phase checkpoints, state and metrics; shared "
-                         "storage on a multi-node cluster.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _variant_defaults(cls, data: object) -> object:
-        if not isinstance(data, dict) or data.get("variant", "hbat") not in HBAT_VARIANTS:
-            return data
-        mode, alternating = HBAT_VARIANTS[data.get("variant", "hbat")]
-        data = {"num_splits": 2 if alternating else 1, **data}
-        if isinstance(data.get("ewc", {}), dict):
-            data["ewc"] = {"mode": mode, **data.get("ewc", {})}
-        return data
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "HbatConfig":
-        mode, alternating = HBAT_VARIANTS[self.variant]
-        if self.ewc.mode != mode:
-            raise ValueError(f"variant {self.variant!r} implies ewc.mode={mode!r}, "
-                             f"got {self.ewc.mode!r}")
-        if not alternating and self.num_splits != 1:
-            raise ValueError(f"variant {self.variant!r} trains on undivided data: num_splits must "
-                             f"be 1, got {self.num_splits}")
-        if self.sft.objective != "sft":
-            raise ValueError(f"sft.objective must be 'sft', got {self.sft.objective!r}")
-        if self.preference.objective not in HBAT_PREFERENCE_OBJECTIVES:
-            raise ValueError(f"preference.objective must be one of {HBAT_PREFERENCE_OBJECTIVES}, "
-                             f"got {self.preference.objective!r}")
-        if self.ifa.kind != "sft":
-            raise ValueError(f"ifa.kind must be 'sft', got {self.ifa.kind!r}")
-        kind = "unpaired" if self.preference.objective == "aot_unpaired" else "preference"
-        if self.hpa.kind != kind:
-            raise ValueError(f"hpa.kind must be {kind!r} for {self.preference.objective}, "
-                             f"got {self.hpa.kind!r}")
-        differ = [f for f in HBAT_ENGINE_FIELDS
-                  if getattr(self.sft, f) != getattr(self.preference, f)]
-        if differ:
-            raise ValueError(f"sft and preference run on one engine; these must be equal: {differ}")
-        for name, train in (("sft", self.sft), ("preference", self.preference)):
-            if train.checkpoint_every is not None:
-                raise ValueError(f"{name}.checkpoint_every: Hbat checkpoints after every phase "
-                                 "and resumes at a phase start; leave it unset")
-            if mode == "freeze" and train.weight_decay != 0:
-                raise ValueError(f"{name}.weight_decay must be 0 for hbat_freeze: decoupled "
-                                 "weight decay would still move the frozen tensors")
-        return self
-
-
 class GuideConfig(Section):
     """LD-Align's guide autoencoder T = (phi, psi) and its training recipe (rayalign/guide.py).
 
@@ -386,6 +301,98 @@ class TrainJobConfig(Section):
     train: TrainConfig = TrainConfig()
 
 
+HbatVariant = Literal["hbat", "hbat_freeze", "no_ewc", "no_alternating", "sequential"]
+
+# variant -> (EWC mode of the penalized phases, whether D_IFA and D_HPA are split into N parts)
+HBAT_VARIANTS: dict[str, tuple[str, bool]] = {
+    "hbat": ("ewc", True),  # Algorithm 1
+    "hbat_freeze": ("freeze", True),  # Hbat-Freeze: freeze the top tensors instead of the penalty
+    "no_ewc": ("none", True),  # ablation "w/o EWC"
+    "no_alternating": ("ewc", False),  # ablation "w/o alternating": N = 1, with EWC
+    "sequential": ("none", False),  # the two-stage baseline: SFT, then preference training
+}
+HBAT_PREFERENCE_OBJECTIVES = ("dpo", "weighted_dpo", "aot", "aot_unpaired")
+# TrainConfig fields that describe the one engine / Ray Train job every phase runs on
+HBAT_ENGINE_FIELDS = ("zero_stage", "num_workers", "use_gpu", "cpus_per_worker", "max_failures",
+                      "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed")
+
+
+class HbatConfig(Section):
+    """jobs/hbat.py: Hbat (DESIGN.md "Hbat"; paper Algorithm 1) or one of its baselines.
+
+    `variant` fixes the EWC mode and whether the data is split (`HBAT_VARIANTS`): hbat (EWC,
+    N parts), hbat_freeze (freeze the top `ewc.freeze_fraction` tensors instead), no_ewc,
+    no_alternating (N = 1 with EWC) and sequential (N = 1, no EWC: SFT then preference).
+    `ewc.mode` and `num_splits` default from it; contradicting it is an error. All phases run
+    on one engine, so the `HBAT_ENGINE_FIELDS` of `sft` and `preference` must agree.
+
+    With no `policy` / `ifa` / `hpa` this is the embedded tiny default: a tiny model, the toy
+    sorting task as D_IFA (`tiny.train_rows` rows) and as D_HPA gold vs a near miss
+    (`toytask.make_preference_rows`, as many rows), generated under `run_dir`.
+    """
+
+    policy: ModelConfig | None = Field(None, description="Starting checkpoint; None = tiny default.")
+    ifa: DataConfig | None = Field(None, description="D_IFA: instruction-following (SFT) data, "
+                                   "kind sft; None = toy task.")
+    hpa: DataConfig | None = Field(None, description="D_HPA: preference data, kind preference "
+                                   "(unpaired for aot_unpaired); None = toy task.")
+    tiny: TinyDefaultConfig = TinyDefaultConfig()
+    variant: HbatVariant = "hbat"
+    num_splits: int = Field(2, ge=1, description="N of Algorithm 1 (default 2 when the variant "
+                            "alternates, else 1).")
+    ewc: EWCConfig = EWCConfig()
+    sft: TrainConfig = Field(TrainConfig(objective="sft"), description="SFT phases.")
+    preference: TrainConfig = Field(TrainConfig(), description="Preference phases; objective "
+                                    "dpo, weighted_dpo, aot or aot_unpaired.")
+    run_dir: str = Field("runs/hbat", description="Phase checkpoints, state and metrics; shared "
+                         "storage on a multi-node cluster.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variant_defaults(cls, data: object) -> object:
+        if not isinstance(data, dict) or data.get("variant", "hbat") not in HBAT_VARIANTS:
+            return data
+        mode, alternating = HBAT_VARIANTS[data.get("variant", "hbat")]
+        data = {"num_splits": 2 if alternating else 1, **data}
+        if isinstance(data.get("ewc", {}), dict):
+            data["ewc"] = {"mode": mode, **data.get("ewc", {})}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "HbatConfig":
+        mode, alternating = HBAT_VARIANTS[self.variant]
+        if self.ewc.mode != mode:
+            raise ValueError(f"variant {self.variant!r} implies ewc.mode={mode!r}, "
+                             f"got {self.ewc.mode!r}")
+        if not alternating and self.num_splits != 1:
+            raise ValueError(f"variant {self.variant!r} trains on undivided data: num_splits must "
+                             f"be 1, got {self.num_splits}")
+        if self.sft.objective != "sft":
+            raise ValueError(f"sft.objective must be 'sft', got {self.sft.objective!r}")
+        if self.preference.objective not in HBAT_PREFERENCE_OBJECTIVES:
+            raise ValueError(f"preference.objective must be one of {HBAT_PREFERENCE_OBJECTIVES}, "
+                             f"got {self.preference.objective!r}")
+        if self.ifa is not None and self.ifa.kind != "sft":
+            raise ValueError(f"ifa.kind must be 'sft', got {self.ifa.kind!r}")
+        kind = "unpaired" if self.preference.objective == "aot_unpaired" else "preference"
+        if self.hpa is None and kind == "unpaired":
+            raise ValueError("the toy D_HPA is paired: give hpa (kind unpaired) for aot_unpaired")
+        if self.hpa is not None and self.hpa.kind != kind:
+            raise ValueError(f"hpa.kind must be {kind!r} for {self.preference.objective}, "
+                             f"got {self.hpa.kind!r}")
+        differ = [f for f in HBAT_ENGINE_FIELDS
+                  if getattr(self.sft, f) != getattr(self.preference, f)]
+        if differ:
+            raise ValueError(f"sft and preference run on one engine; these must be equal: {differ}")
+        for name, train in (("sft", self.sft), ("preference", self.preference)):
+            if train.checkpoint_every is not None:
+                raise ValueError(f"{name}.checkpoint_every: Hbat checkpoints after every phase "
+                                 "and resumes at a phase start; leave it unset")
+            if mode == "freeze" and train.weight_decay != 0:
+                raise ValueError(f"{name}.weight_decay must be 0 for hbat_freeze: decoupled "
+                                 "weight decay would still move the frozen tensors")
+        return self
+
 Cfg = TypeVar("Cfg", bound=BaseModel)
 
 
@@ -418,6 +425,25 @@ def _merge(base: dict, extra: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def _default_sections(cls: type[BaseModel]) -> dict:
+    """The job's own defaults of its nested sections, so that a partial section in YAML or a
+    `--set sft.max_steps=30` changes only that key of the job's default `sft`, instead of
+    replacing it with the section class's generic defaults."""
+    out = {}
+    for name, field in cls.model_fields.items():
+        default = field.default
+        if isinstance(default, BaseModel) and default != _generic(type(default)):
+            out[name] = default.model_dump()
+    return out
+
+
+def _generic(cls: type[BaseModel]) -> BaseModel | None:
+    try:
+        return cls()
+    except ValidationError:
+        return None
 
 
 def _describe(err: ValidationError, source: str) -> str:
@@ -453,6 +479,7 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    data = _merge(_default_sections(cls), data)
     if overrides:
         data = _merge(data, parse_overrides(list(overrides)))
         source += " with overrides " + " ".join(overrides)

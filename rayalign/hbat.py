@@ -70,6 +70,7 @@ from rayalign.rundir import RunDir, config_hash
 log = logging.getLogger(__name__)
 
 Penalty = Literal["none", "ewc", "freeze"]
+POLICY_STAGE = "policy"  # the run directory's stage for the final Hugging Face export
 T = TypeVar("T")
 
 
@@ -270,6 +271,37 @@ def global_change(trainer, anchor: Snapshot) -> dict[str, float]:
 # --------------------------------------------------------------------------------------
 
 
+def resolve_inputs(cfg: HbatConfig) -> HbatConfig:
+    """``cfg`` with the embedded default's paths (under ``run_dir``) for a missing policy,
+    D_IFA or D_HPA; writes nothing (`prepare_inputs` does)."""
+    from rayalign.config import DataConfig, ModelConfig
+
+    root = Path(cfg.run_dir) / "inputs"
+    return cfg.model_copy(update={
+        "policy": cfg.policy or ModelConfig(path=str(root / "base")),
+        "ifa": cfg.ifa or DataConfig(path=str(root / "ifa.jsonl"), kind="sft"),
+        "hpa": cfg.hpa or DataConfig(path=str(root / "hpa.jsonl"), kind="preference"),
+    })
+
+
+def prepare_inputs(cfg: HbatConfig) -> HbatConfig:
+    """`resolve_inputs`, generating the embedded default's missing files (idempotent)."""
+    from rayalign import toytask
+    from rayalign.tiny import build_tiny_checkpoint
+
+    resolved, tiny = resolve_inputs(cfg), cfg.tiny
+    if cfg.policy is None and not Path(resolved.policy.path).exists():
+        build_tiny_checkpoint(resolved.policy.path, toytask.corpus(), arch=tiny.arch,
+                              hidden_size=tiny.hidden_size, num_layers=tiny.num_layers,
+                              seed=tiny.seed)
+    if cfg.ifa is None and not Path(resolved.ifa.path).exists():
+        toytask.write_jsonl(resolved.ifa.path, toytask.make_rows(tiny.train_rows, tiny.seed))
+    if cfg.hpa is None and not Path(resolved.hpa.path).exists():
+        toytask.write_jsonl(resolved.hpa.path,
+                            toytask.make_preference_rows(tiny.train_rows, tiny.seed + 1))
+    return resolved
+
+
 def fingerprint(cfg: HbatConfig) -> str:
     """The run directory's config hash: a run resumes only under the same configuration."""
     return config_hash(cfg.model_dump(mode="json"))
@@ -353,8 +385,8 @@ PhaseCallback = Callable[[HbatPhase, dict], None]
 def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None) -> dict:
     """Run every unfinished phase of ``cfg``'s schedule on ``trainer``; return a summary.
 
-    Every rank calls this with a `rayalign.train.Trainer` built from ``cfg.model`` and
-    ``cfg.sft``. The run directory (shared by all ranks) must exist with ``cfg``'s
+    Every rank calls this with a `rayalign.train.Trainer` built from
+    ``resolve_inputs(cfg).policy`` and ``cfg.sft``. The run directory (shared by all ranks) must exist with ``cfg``'s
     fingerprint (`fingerprint`; the driver creates it). Resumes after the last recorded
     phase (module docstring). The reference model of a preference phase is the policy at its
     start (theta^IFA, the phase's anchor), its log-probs computed once when the phase starts,
@@ -372,13 +404,14 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
         if rank == 0:
             log.info("hbat: resuming after %s (%d of %d phases done)", done[-1].name,
                      len(done), len(phases))
-    data = HbatData.load(cfg, trainer.tokenizer)
+    inputs = resolve_inputs(cfg)
+    data = HbatData.load(inputs, trainer.tokenizer)
     for phase in phases[len(done):]:
         started = time.perf_counter()
         if rank == 0:
             run.start(phase.name)
         train = train_config(cfg, phase)
-        data_cfg = cfg.ifa if phase.kind == "ifa" else cfg.hpa
+        data_cfg = inputs.ifa if phase.kind == "ifa" else inputs.hpa
         examples = data.part(phase)
         plan = plan_data(examples, train, world)
         rows = to_rows(rank_shard(examples, rank, world))
@@ -421,6 +454,57 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
         done.append(phase)
         if on_phase is not None:
             on_phase(phase, metrics)
+    started = time.perf_counter()
     policy = trainer.export(run.path("policy"))
+    if rank == 0:
+        run.record(POLICY_STAGE, {"policy": policy}, {}, time.perf_counter() - started)
     return {"phases": [p.name for p in phases], "policy": None if policy is None else str(policy)}
+
+
+def check_inputs(cfg: HbatConfig) -> None:
+    """Load, split and plan every phase's data as the workers will: bad rows or parts too
+    small for a micro-batch on every worker fail here, before any worker starts."""
+    from rayalign.models import load_tokenizer
+    from rayalign.train import plan_data
+
+    resolved = resolve_inputs(cfg)
+    data = HbatData.load(resolved, load_tokenizer(resolved.policy.path))
+    for phase in config_schedule(cfg):
+        try:
+            plan_data(data.part(phase), train_config(cfg, phase), cfg.sft.num_workers)
+        except ValueError as err:
+            raise ValueError(f"{phase.name}: {err}") from None
+
+
+def summary_rows(run: RunDir, phases: Sequence[HbatPhase]) -> list[dict]:
+    """One row per recorded phase for the job's table: objective, steps, last loss, reward
+    accuracy, and the penalty actually used (mode, normalized entropy and max share of F,
+    its top tensor, how many tensors were frozen)."""
+    rows = []
+    for phase in phases:
+        if not run.done(phase.name):
+            break
+        m = run.get(phase.name).metrics
+        penalty = m["penalty"] or {}
+        rows.append({
+            "phase": phase.name, "objective": m["objective"], "steps": m["steps"],
+            "loss": m["last"].get("loss"), "accuracy": m["last"].get("accuracy"),
+            "penalty": penalty.get("mode", "none"),
+            "F_norm_entropy": penalty.get("normalized_entropy"),
+            "F_max_share": penalty.get("max_share"),
+            "F_top": penalty["top"][0][0] if penalty else None,
+            "frozen": len(penalty.get("frozen", [])),
+        })
+    return rows
+
+
+def summary_table(rows: Sequence[dict]) -> str:
+    """`summary_rows` as a Markdown table."""
+    if not rows:
+        return "(no finished phase)"
+    keys = list(rows[0])
+    cell = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from rayalign.hbat import (
 
 
 def _cfg(**kw) -> HbatConfig:
-    base = {"model": {"path": "m"}, "ifa": {"path": "i.jsonl"},
+    base = {"policy": {"path": "m"}, "ifa": {"path": "i.jsonl"},
             "hpa": {"path": "h.jsonl", "kind": "preference"}}
     return build_config(HbatConfig, {**base, **kw})
 

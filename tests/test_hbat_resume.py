@@ -39,7 +39,7 @@ def _config(root: str, variant: str, stage: int, run: str):
              "zero_stage": stage, "num_workers": WORLD}
     limits = {"max_prompt_length": 32, "max_length": 64}
     return build_config(HbatConfig, {
-        "model": {"path": os.path.join(root, "model")}, "variant": variant, "num_splits": 2,
+        "policy": {"path": os.path.join(root, "model")}, "variant": variant, "num_splits": 2,
         "ifa": {"path": os.path.join(root, "ifa.jsonl"), **limits},
         "hpa": {"path": os.path.join(root, "hpa.jsonl"), "kind": "preference", **limits},
         "ewc": {"f_max": 50.0, "freeze_fraction": 0.2},
@@ -52,7 +52,7 @@ def _run(cfg, stop_in: str | None = None) -> list[str]:
     from rayalign.hbat import run_schedule
     from rayalign.train import Trainer
 
-    trainer = Trainer(cfg.model.path, cfg.sft)
+    trainer = Trainer(cfg.policy.path, cfg.sft)
     original = trainer.run_phase
 
     def run_phase(phase, state=None, on_step=None, grad_hook=None):

@@ -1,0 +1,48 @@
+"""Hbat: alternating SFT / preference training with the modified EWC (Hbat, Algorithm 1).
+
+    python jobs/hbat.py                                   # embedded tiny default, local Ray, CPU
+    python jobs/hbat.py --config configs/hbat.yaml --set variant=sequential --set run_dir=runs/seq
+    ray job submit --working-dir . -- python jobs/hbat.py --config ...
+
+Variants: hbat, hbat_freeze, no_ewc, no_alternating, sequential (rayalign.config.HBAT_VARIANTS).
+On a laptop this starts a local Ray; under `ray job submit` (RAY_ADDRESS is set) it attaches to
+the cluster. Re-running with the same run_dir resumes after the last finished phase.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+# The submitted working directory's code, not an older installed copy, is what runs.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors.hbat import run_hbat  # noqa: E402
+from rayalign.cli import parse_job_config  # noqa: E402
+from rayalign.config import HbatConfig  # noqa: E402
+from rayalign.hbat import summary_table  # noqa: E402
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "hbat.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    cfg = parse_job_config(HbatConfig, __doc__.splitlines()[0], argv, DEFAULT_CONFIG)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    start = time.time()
+    print(f"Hbat: run_dir={Path(cfg.run_dir).absolute()} variant={cfg.variant} "
+          f"N={cfg.num_splits} preference={cfg.preference.objective} "
+          f"workers={cfg.sft.num_workers} zero={cfg.sft.zero_stage}", flush=True)
+    rows = run_hbat(cfg)
+    print("\n" + summary_table(rows))
+    print(f"\npolicy: {Path(cfg.run_dir).absolute() / 'policy'}  ({time.time() - start:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
