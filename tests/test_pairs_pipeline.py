@@ -53,6 +53,7 @@ def _direct_logps(model, tok, prompt: str, response: str) -> float:
         return float(sequence_logprobs(model, seq)[0][0])
 
 
+@pytest.mark.slow
 def test_uniform_pairs_are_gold_vs_own_sample_with_weight_one(uniform_run, sft_file):
     out, stats = uniform_run
     sft, samples, pairs = _rows(sft_file), _rows(out / "samples.parquet"), _rows(out / "pairs.parquet")
@@ -66,6 +67,7 @@ def test_uniform_pairs_are_gold_vs_own_sample_with_weight_one(uniform_run, sft_f
     assert not [f for f in out.iterdir() if f.name.startswith(".")]  # no temp leftovers
 
 
+@pytest.mark.slow
 def test_reference_logps_are_the_sampling_policys_own(uniform_run, tiny_gpt2):
     out, _ = uniform_run
     model, tok = load_model(tiny_gpt2), load_tokenizer(tiny_gpt2)
@@ -74,6 +76,7 @@ def test_reference_logps_are_the_sampling_policys_own(uniform_run, tiny_gpt2):
         assert p["ref_rejected_logps"] == pytest.approx(_direct_logps(model, tok, p["prompt"], p["rejected"]), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_latent_weights_are_distances_over_the_whole_datasets_mean(uniform_run, tiny_gpt2,
                                                                   tmp_path):
     """An (untrained) guide scores the same samples; scorer batches of 3 rows never see the
@@ -99,6 +102,7 @@ def test_latent_weights_are_distances_over_the_whole_datasets_mean(uniform_run, 
         [{k: p[k] for k in keep} for p in _rows(out / "pairs.parquet")]
 
 
+@pytest.mark.slow
 def test_same_seed_same_samples_whatever_the_batching(uniform_run, tiny_gpt2, sft_file, tmp_path):
     """Seeds follow the SFT row, so 3-row batches over 2 sampler actors give the same
     samples as 4-row batches over 1 actor (that other seeds give other samples is checked
@@ -112,7 +116,7 @@ def test_same_seed_same_samples_whatever_the_batching(uniform_run, tiny_gpt2, sf
     assert _rows(tmp_path / "again.parquet") == first
 
 
-def test_bad_sft_row_stops_before_any_sampling(ray_cluster, tiny_gpt2, tmp_path, monkeypatch):
+def test_bad_sft_row_stops_before_any_sampling(tiny_gpt2, tmp_path, monkeypatch):
     rows = toytask.make_rows(5, seed=1)
     rows[2] = {"prompt": "sort: 3 1 =>", "completion": 7}
     path = tmp_path / "bad.jsonl"
