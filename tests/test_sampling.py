@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,8 @@ from actors.sampler import PolicySampler
 from rayalign import toytask
 from rayalign.config import SamplingConfig
 from rayalign.models import load_model, load_tokenizer
-from rayalign.sampling import HFEngine, derive_seed, prompt_token_ids, select_engine
+from rayalign.sampling import (Completion, HFEngine, VLLMEngine, derive_seed, prompt_token_ids,
+                               select_engine)
 from rayalign.weights import WeightError, distance_mean, ld_align_weights
 
 PROMPTS = [r["prompt"] for r in toytask.make_rows(6, seed=3)]
@@ -175,3 +179,45 @@ def test_bad_distances_fail_with_the_reason(distances, match):
 def test_a_bad_dataset_mean_is_refused(mean):
     with pytest.raises(WeightError, match="finite and > 0"):
         ld_align_weights([1.0], mean)
+
+
+# ---- vLLM engine: the adapter against a stand-in for vLLM's documented API ----------------
+
+class _FakeVLLM:
+    """`vllm.LLM` / `SamplingParams` / outputs as vLLM documents them, recording the calls."""
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLM:
+        def __init__(self, **kwargs):
+            self.kwargs, self.calls = kwargs, []
+
+        def generate(self, prompts, sampling_params, use_tqdm=True):
+            from types import SimpleNamespace as NS
+
+            self.calls.append((prompts, sampling_params, use_tqdm))
+            return [NS(outputs=[NS(text=f"s{i}.{j}", token_ids=[i, j], finish_reason="length")
+                                for j in range(p.kwargs["n"])])
+                    for i, p in enumerate(sampling_params)]
+
+
+def test_vllm_engine_passes_token_prompts_and_per_prompt_seeds(tiny_gpt2, monkeypatch):
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = _FakeVLLM.LLM, _FakeVLLM.SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    cfg = SamplingConfig(n=2, temperature=0.7, top_p=0.9, max_new_tokens=5, stop=("\n",),
+                         tensor_parallel_size=2, gpu_memory_utilization=0.5, seed=3)
+    engine = VLLMEngine(tiny_gpt2, cfg, max_prompt_length=4)
+    assert engine.llm.kwargs == {"model": tiny_gpt2, "tensor_parallel_size": 2,
+                                 "gpu_memory_utilization": 0.5, "seed": 3}
+    out = engine.generate(PROMPTS[:2], seeds=[11, 12])
+    assert out[1] == [Completion("s1.0", (1, 0), "length"), Completion("s1.1", (1, 1), "length")]
+    prompts, params, use_tqdm = engine.llm.calls[0]
+    tok = load_tokenizer(tiny_gpt2)
+    assert prompts == [{"prompt_token_ids": prompt_token_ids(tok, p, 4)} for p in PROMPTS[:2]]
+    assert [p.kwargs for p in params] == [
+        {"n": 2, "temperature": 0.7, "top_p": 0.9, "max_tokens": 5, "seed": s, "stop": ["\n"]}
+        for s in (11, 12)]
+    assert use_tqdm is False
