@@ -21,24 +21,46 @@ Lifecycle (Ray's shard -> step -> report(checkpoint) pattern):
   exact when Ray Data yields the shard in the same order (not guaranteed across restarts:
   Ray Data streams blocks to workers as they ask).
 
+Run identity: the Ray Train run is named ``<name>-<hash of policy and phases>`` under
+``storage``. Ray Train restores a run whose name already has checkpoints in ``storage``, so
+calling again with the same arguments after a killed driver resumes from the last checkpoint
+(and returns at once if the run had finished), while any other call (a new LD-Align
+iteration, other data or settings) starts fresh. The hash covers paths, not file contents.
+
 ``export_dir`` and ``storage`` must be reachable from every node: a local path on one
 machine, NFS on a cluster (``storage`` may also be a URI Ray Train understands, s3://...).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayalign.config import DataConfig, TrainConfig
+from rayalign import toytask
+from rayalign.cli import parse_job_config
+from rayalign.config import DataConfig, TrainConfig, TrainJobConfig
 from rayalign.data import load_dataset
 from rayalign.io import read_json, write_json
 from rayalign.models import load_tokenizer
-from rayalign.train import ENGINE_FIELDS, DataPlan, Phase, PhaseState, Trainer, plan_data, to_rows
+from rayalign.tiny import build_tiny_checkpoint
+from rayalign.train import (
+    ENGINE_FIELDS,
+    OBJECTIVE_DATA_KIND,
+    DataPlan,
+    Phase,
+    PhaseState,
+    Trainer,
+    plan_data,
+    to_rows,
+)
 
 _PROGRESS = "progress.json"
 _METRICS = "train_metrics.json"
@@ -86,6 +108,13 @@ def run_phases(policy: str | Path, phases: Sequence[PhaseSpec], storage: str | P
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Workers do not share the driver's working directory: hand them absolute paths.
+    policy = str(Path(policy).absolute())
+    for spec in phases:
+        if "://" in spec.export_dir:
+            raise ValueError(f"phase {spec.name!r}: export_dir must be a filesystem path "
+                             f"(local or NFS), got {spec.export_dir}")
+    phases = [dataclasses.replace(p, export_dir=str(Path(p.export_dir).absolute())) for p in phases]
     if not phases or len({p.name for p in phases}) != len(phases):
         raise ValueError(f"phases must be non-empty with unique names, got {[p.name for p in phases]}")
     first = phases[0].train
@@ -105,13 +134,16 @@ def run_phases(policy: str | Path, phases: Sequence[PhaseSpec], storage: str | P
         datasets[spec.name] = ray.data.from_items(_dataset_rows(to_rows(examples),
                                                                 spec.data.kind == "unpaired"))
     storage = str(storage) if "://" in str(storage) else str(Path(storage).absolute())
+    identity = json.dumps([str(policy), dtype, [[p.name, p.data.model_dump(), p.train.model_dump(),
+                                                  p.export_dir] for p in phases]], sort_keys=True)
+    run_name = f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"policy": str(policy), "dtype": dtype,
                            "phases": list(zip(phases, plans))},
         scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=first.use_gpu,
                                      resources_per_worker={"CPU": first.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=first.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
@@ -200,3 +232,66 @@ def _report(trainer: Trainer, index: int, state: PhaseState, metrics: dict) -> N
         if trainer.rank == 0:
             write_json(os.path.join(directory, _PROGRESS), {"phase_index": index})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def job_main(doc: str, objectives: Sequence[str], default_config: str | Path,
+             argv: list[str] | None = None) -> int:
+    """The command line of jobs/sft.py, jobs/dpo.py and jobs/aot.py (``doc``: the job's docstring).
+
+    Parses ``--config`` / ``--set`` into a `TrainJobConfig`, rejects an objective the job
+    does not train (exit 2, before Ray starts), starts or attaches to Ray, runs `train_job`
+    and prints the final metrics and the export path.
+    """
+    import ray
+
+    cfg = parse_job_config(TrainJobConfig, doc.splitlines()[0], argv, str(default_config))
+    if cfg.train.objective not in objectives:
+        print(f"error: this job trains {', '.join(objectives)}; got train.objective="
+              f"{cfg.train.objective!r}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    metrics = train_job(cfg)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"policy: {Path(cfg.output_dir, 'policy').absolute()}")
+    return 0
+
+
+def train_job(cfg: TrainJobConfig) -> dict:
+    """The sft/dpo/aot jobs: the tiny default where `policy` / `data` are None, then one phase.
+
+    The trained policy goes to ``<output_dir>/policy``, Ray Train checkpoints to
+    ``<output_dir>/ray``; returns the final step metrics.
+    """
+    out = Path(cfg.output_dir)
+    policy = cfg.policy.path if cfg.policy is not None else tiny_policy(cfg, out / "base")
+    data = cfg.data if cfg.data is not None else toy_data(cfg, out / "data")
+    dtype = cfg.policy.dtype if cfg.policy is not None else "auto"
+    return run_training(cfg.train, data, policy, out / "policy", out / "ray", dtype=dtype,
+                        name=cfg.train.objective)
+
+
+def tiny_policy(cfg: TrainJobConfig, path: Path) -> str:
+    if not (path / "config.json").exists():
+        build_tiny_checkpoint(path, toytask.corpus(), arch=cfg.tiny.arch,
+                              hidden_size=cfg.tiny.hidden_size, num_layers=cfg.tiny.num_layers,
+                              seed=cfg.tiny.seed)
+    return str(path)
+
+
+def toy_data(cfg: TrainJobConfig, directory: Path) -> DataConfig:
+    """Toy sorting-task rows of the kind the objective needs: SFT (prompt, gold), preference
+    (gold vs a near miss, `toytask.make_preference_rows`) or unpaired (both, labelled)."""
+    kind = OBJECTIVE_DATA_KIND[cfg.train.objective]
+    pairs = toytask.make_preference_rows(cfg.tiny.train_rows, cfg.tiny.seed)
+    rows = {
+        "sft": [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pairs],
+        "preference": pairs,
+        "unpaired": [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                     for r in pairs for side in ("chosen", "rejected")],
+    }[kind]
+    path = directory / f"{kind}.jsonl"
+    if not path.exists():
+        toytask.write_jsonl(path, rows)
+    return DataConfig(path=str(path), kind=kind)

@@ -1,0 +1,32 @@
+"""AOT distributional preference alignment (aot, aot_unpaired) as a Ray Train + DeepSpeed job.
+
+    python jobs/aot.py                              # tiny default: local Ray, 2 CPU workers
+    python jobs/aot.py --set train.objective=aot_unpaired
+    python jobs/aot.py --config my.yaml --set train.num_workers=8 --set train.use_gpu=true
+    ray job submit --working-dir . -- python jobs/aot.py --config my.yaml
+
+Config: `rayalign.config.TrainJobConfig` (configs/aot.yaml is the tiny default). On a laptop this
+starts a local Ray; under `ray job submit` (RAY_ADDRESS is set) it attaches to the cluster.
+Re-running the same command after a kill resumes from the last checkpoint (actors/trainer.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# The submitted working directory's code, not an older installed copy, is what runs.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from actors.trainer import job_main  # noqa: E402
+
+OBJECTIVES = ("aot", "aot_unpaired")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(__doc__, OBJECTIVES, ROOT / "configs" / "aot.yaml", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
