@@ -70,6 +70,21 @@ def _build_lm(path: str, init: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
 
 
+class _Pretokenized:
+    """Answers `rayalign.data.encode`'s one-string tokenizer calls from a single batched call
+    over all distinct strings (the fast tokenizer's batch path is several times cheaper than
+    one call per string), so the truncation rules stay those of `encode`."""
+
+    def __init__(self, tokenizer, texts: Sequence[str]):
+        unique = list(dict.fromkeys(texts))
+        ids = tokenizer(unique, add_special_tokens=False)["input_ids"] if unique else []
+        self._ids = dict(zip(unique, ids))
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": self._ids[text]}
+
+
 class GuideModel(nn.Module):
     """T = (phi, psi). `decoder` may be None for an encoder-only guide (scoring)."""
 
@@ -157,7 +172,8 @@ class GuideModel(nn.Module):
 
     def tokenize(self, prompts: Sequence[str], responses: Sequence[str]) -> SequenceBatch:
         """One right-padded batch of [x; y + EOS] under the guide's truncation limits."""
-        seqs = [encode(self.tokenizer, p, r, self.spec.max_prompt_length, self.spec.max_length)
+        tokenizer = _Pretokenized(self.tokenizer, [*prompts, *responses])
+        seqs = [encode(tokenizer, p, r, self.spec.max_prompt_length, self.spec.max_length)
                 for p, r in zip(prompts, responses, strict=True)]
         return collate(seqs, self.tokenizer.pad_token_id).to(self.device)
 

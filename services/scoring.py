@@ -18,14 +18,19 @@ more items, candidates, characters or body bytes than the configured limits -> 4
 Start it (a local Ray is started, or RAY_ADDRESS / `ray start` joins a cluster)::
 
     python -m services.scoring --config configs/scoring.yaml [--set guide_path=runs/x/guide]
-    serve run services.scoring:app_builder guide_path=runs/x/guide [route_prefix=/scoring]
+    serve run --name scoring --route-prefix /scoring \
+        services.scoring:app_builder config=configs/scoring.yaml guide_path=runs/x/guide
+
+On a cluster: `ray job submit --working-dir . -- python -m services.scoring --config ...`, or
+`serve deploy` a Serve config naming `services.scoring:app_builder` with these arguments.
+The token is read from the env var named by `auth_token_env` where the app is built.
 """
 
-
-import argparse
+# No `from __future__ import annotations`: FastAPI must see the request models as classes.
 import asyncio
 import hmac
 import os
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -36,8 +41,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 from ray import serve
 
 from actors.scorer import GuideScorer
+from rayalign.cli import parse_job_config
 from rayalign.config import ScoringConfig, load_config
-from rayalign.guide import pair_distances, unique_pairs
+from rayalign.guide import SPEC_FILE, pair_distances, unique_pairs
 
 
 def _not_blank(value: str) -> str:
@@ -200,6 +206,9 @@ def resolve_token(cfg: ScoringConfig) -> str | None:
 
 def build_app(cfg: ScoringConfig) -> serve.Application:
     """The Serve application for `cfg` (replicas and their resources from `cfg.replicas`)."""
+    if not (Path(cfg.guide_path) / SPEC_FILE).is_file():
+        raise FileNotFoundError(f"guide_path {cfg.guide_path!r} is not a guide checkpoint "
+                                f"(no {SPEC_FILE}); train one with jobs/train_guide.py")
     return ScoringService.options(
         num_replicas=cfg.replicas.num_actors,
         max_ongoing_requests=cfg.max_ongoing_requests,
@@ -216,11 +225,7 @@ def app_builder(args: dict[str, str]) -> serve.Application:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML file with a ScoringConfig")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    cfg = load_config(ScoringConfig, args.config, args.set)
+    cfg = parse_job_config(ScoringConfig, __doc__.splitlines()[0], argv)
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=True)
 
 

@@ -99,6 +99,22 @@ def test_batched_and_single_item_embeddings_agree(guide):
     assert torch.allclose(guide.embed(PROMPTS, RESPONSES, batch_size=2), together, atol=1e-5)
 
 
+def test_batched_tokenization_follows_data_encode_truncation(guide):
+    """guide.tokenize tokenizes all strings in one call; the sequences must be exactly those of
+    rayalign.data.encode, including both truncation rules."""
+    from rayalign.data import collate, encode
+
+    long_prompt = "sort: " + " ".join(["7"] * 3 * MAX_PROMPT) + " =>"
+    long_response = " " + " ".join(["1"] * 2 * MAX_LEN)
+    prompts, responses = PROMPTS + [long_prompt, PROMPTS[0]], RESPONSES + [" 1", long_response]
+    expected = collate([encode(guide.tokenizer, p, r, MAX_PROMPT, MAX_LEN)
+                        for p, r in zip(prompts, responses)], guide.tokenizer.pad_token_id)
+    got = guide.tokenize(prompts, responses)
+    for field in ("input_ids", "attention_mask", "response_mask"):
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field
+    assert got.attention_mask.sum(-1).max() == MAX_LEN
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_pooling_reads_the_documented_hidden_states(tiny_gpt2, pooling):
     """Independent: run the backbone on the unpadded sequence and pool by hand."""
