@@ -24,9 +24,10 @@ largest AC^k instead get a zero gradient, and their Adam first moment is zeroed 
 starts, so AdamW leaves them exactly where they were (weight decay 0 is required).
 
 **ZeRO**: the hook works on `Trainer.local_params` / `Trainer.update_local_grads` pieces: a
-ZeRO-3 rank handles its own flat partition (no gather per step), the anchor is a copy of the
-same pieces (on the CPU with ``offload_anchor``). C needs whole-tensor sums: under ZeRO-3 the
-per-rank sums are all-reduced once per phase and divided by the full ``ds_numel``.
+ZeRO-3 rank handles its own flat partition, a ZeRO 1/2 rank its fragments of the optimizer
+partition, so a step adds no communication; the anchor is a copy of the same pieces (on the
+CPU with ``offload_anchor``). C needs whole-tensor sums: under ZeRO 1/2/3 the per-rank sums
+are all-reduced once per phase and divided by the full numel.
 
 **Checkpoints and resume.** After every phase all ranks write a DeepSpeed checkpoint (weights,
 optimizer, each rank's partitions) and rank 0 then records the phase in the run directory's
@@ -250,20 +251,24 @@ def zero_first_moment(trainer, names: Sequence[str]) -> None:
 
 
 def global_change(trainer, anchor: Snapshot) -> dict[str, float]:
-    """C_i (Eq. 7) of every tensor between ``anchor`` and the trainer's current parameters.
+    """C_i (Eq. 7) of every trainable tensor between ``anchor`` and the current parameters.
 
-    Sums of squared differences of the local pieces, all-reduced when they are ZeRO-3
-    partitions (one collective for all tensors), divided by each full tensor's numel.
+    ``anchor`` holds this rank's pieces (`Trainer.local_params` at the phase start). Sums of
+    squared differences of the pieces are all-reduced when they are partitions (ZeRO 1/2/3;
+    one collective for all tensors; a tensor this rank holds nothing of adds 0) and divided
+    by each full tensor's numel.
     """
-    sums = anchor.change_sums(trainer.local_params())
-    names = list(sums)
     params = dict(trainer.module.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
+    local = anchor.change_sums(trainer.local_params())
+    sums = torch.zeros(len(names), dtype=torch.float64, device=trainer.device)
+    for i, name in enumerate(names):
+        if name in local:
+            sums[i] = local[name]
+    if trainer.pieces_partitioned() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
     numel = {n: int(getattr(params[n], "ds_numel", params[n].numel())) for n in names}
-    if any(hasattr(params[n], "ds_id") for n in names) and dist.get_world_size() > 1:
-        stacked = torch.stack([sums[n].cpu() for n in names])
-        dist.all_reduce(stacked)
-        sums = dict(zip(names, stacked))
-    return change_from_sums(sums, numel)
+    return change_from_sums(dict(zip(names, sums.tolist())), numel)
 
 
 # --------------------------------------------------------------------------------------
