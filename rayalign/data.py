@@ -10,6 +10,9 @@ Formats (DESIGN.md, "Data formats"):
   (the prompt rendered with the chat template; chosen/rejected = their last assistant turn).
 - Unpaired: ``{"prompt", "completion", "label": bool}`` (+ optional ``"ref_logps"``).
 
+Prompts must be non-empty; a response may be the empty string (a policy that stops at once
+produced it, and it is then just the EOS token), but never missing or of the wrong type.
+
 Files are JSONL or Parquet, local or any URI pyarrow understands. Every row is validated on
 load; the first bad row raises `DataError` naming file, row (1-based) and field.
 
@@ -153,15 +156,15 @@ class _Row:
             if last["role"] != "assistant":
                 raise self.error(field, "the last message must have role 'assistant'")
             value = last["content"]
-        return self.text(field, value)
+        return self.text(field, value, allow_empty=True)
 
-    def text(self, field: str, value: Any = None) -> str:
+    def text(self, field: str, value: Any = None, allow_empty: bool = False) -> str:
         value = self.row.get(field) if value is None else value
         if value is None:
             raise self.error(field, "missing")
         if not isinstance(value, str):
             raise self.error(field, f"expected a string or message list, got {type(value).__name__}")
-        if not value.strip():
+        if not allow_empty and not value.strip():
             raise self.error(field, "empty string")
         return value
 
@@ -183,7 +186,7 @@ def _sft(r: _Row) -> SFTExample:
         if len(messages) < 2:
             raise r.error("messages", "need at least one turn before the assistant's response")
         return SFTExample(r.render_prompt("messages", messages[:-1]),
-                          r.text("messages", last["content"]))
+                          r.text("messages", last["content"], allow_empty=True))
     if not r.has("completion") and not r.has("prompt"):
         raise r.error(None, "expected 'prompt' + 'completion' or 'messages'")
     return SFTExample(r.prompt(), r.response("completion"))

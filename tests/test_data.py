@@ -46,7 +46,7 @@ def test_preference_and_unpaired_parquet(tmp_path, tok):
 
 @pytest.mark.parametrize("row, kind, field, reason", [
     ({"prompt": "q"}, "sft", "completion", "missing"),
-    ({"prompt": "q", "completion": "  "}, "sft", "completion", "empty string"),
+    ({"prompt": "  ", "completion": "a"}, "sft", "prompt", "empty string"),
     ({"prompt": 3, "completion": "a"}, "sft", "prompt", "got int"),
     ({"messages": [{"role": "user", "content": "q"}]}, "sft", "messages", "role 'assistant'"),
     ({"messages": [{"role": "user"}]}, "sft", "messages", "message 0"),
@@ -64,6 +64,13 @@ def test_bad_row_names_file_row_field(tmp_path, tok, row, kind, field, reason):
         load_examples(p, kind, tok)
     assert (err.value.row, err.value.field) == (3, field)
     assert str(p) in str(err.value) and reason in str(err.value)
+
+
+def test_empty_response_is_a_response(tmp_path, tok):
+    """A policy that stops at once samples "": a valid (bad) response, encoded as just EOS."""
+    p = jsonl(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": ""}])
+    (ex,) = load_examples(p, "preference")
+    assert ex.rejected == "" and encode(tok, ex.prompt, ex.rejected, 8, 16)[1] == [tok.eos_token_id]
 
 
 def test_bad_json_and_messages_without_tokenizer(tmp_path):
