@@ -120,7 +120,34 @@ def run_mode(guide_path: str, batching: bool, args, bodies: list[dict]) -> dict[
         serve.delete(cfg.app_name)
 
 
-def report(results: dict[str, dict], args, ratio: float) -> str:
+def encoder_only(guide_path: str, bodies: list[dict], clients: int, max_batch_size: int,
+                 seconds: float = 3.0) -> dict[str, float]:
+    """Requests/s of the encoder alone on one thread (as in a num_cpus=1 replica): each
+    request's pairs in their own call (batching off) vs `clients` requests' pairs in one call."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    guide = GuideModel.load(guide_path, decoder=False)
+    groups = [[(b["prompt"], r) for r in [b["reference"], *b["candidates"]]]
+              for b in bodies[:clients]]
+    flat = [pair for group in groups for pair in group]
+
+    def rate(step) -> float:
+        step()
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            step()
+            done += len(groups)
+        return done / (time.perf_counter() - start)
+
+    out = {"per request": rate(lambda: [guide.embed(*zip(*g)) for g in groups]),
+           f"{clients} requests per call": rate(lambda: guide.embed(*zip(*flat), max_batch_size))}
+    torch.set_num_threads(threads)
+    return out
+
+
+def report(results: dict[str, dict], encoder: dict[str, float], args, ratio: float) -> str:
     lines = [
         "| batching | requests | errors | req/s | p50 ms | p99 ms |",
         "|---|---:|---:|---:|---:|---:|",
@@ -128,6 +155,8 @@ def report(results: dict[str, dict], args, ratio: float) -> str:
     for mode, r in results.items():
         lines.append(f"| {mode} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    lines += ["", "| encoder alone, 1 thread | req/s |", "|---|---:|"]
+    lines += [f"| {mode} | {rps:.1f} |" for mode, rps in encoder.items()]
     lines.append("")
     lines.append(f"throughput ratio on/off: **{ratio:.1f}x**  ({args.clients} clients, "
                  f"{args.candidates} candidates per request, guide hidden {args.hidden_size} x "
@@ -169,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         guide = args.guide or bench_guide(Path(tmp), args.hidden_size, args.num_layers)
         results = {**run_mode(guide, True, args, bodies), **run_mode(guide, False, args, bodies)}
+        encoder = encoder_only(guide, bodies, args.clients, args.max_batch_size)
     ratio = results["on"]["rps"] / results["off"]["rps"]
-    table = report(results, args, ratio)
+    table = report(results, encoder, args, ratio)
     print(table)
     if args.write:
         write_results(Path(args.write), "`bench/scoring.py " + " ".join(

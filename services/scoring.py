@@ -36,6 +36,7 @@ from typing import Annotated
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 from ray import serve
@@ -49,6 +50,10 @@ from rayalign.guide import SPEC_FILE, pair_distances, unique_pairs
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty or only whitespace")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
     return value
 
 
@@ -94,6 +99,13 @@ class Health(BaseModel):
 
 api = FastAPI(title="rayalign latent-distance scoring",
               description="LD-Align guide encoder: latent distances and embeddings.")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+    """422 with where and why, without echoing the input (it may be huge, or not encodable)."""
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in err.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 @api.middleware("http")

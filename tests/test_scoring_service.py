@@ -149,6 +149,8 @@ BAD_INPUTS = {
     "unknown field": (422, {**ITEM, "temperature": 1.0}, "temperature"),
     "empty list": (422, [], "at least 1"),
     "not JSON": (422, b"{prompt: oops", "JSON"),
+    "lone surrogate": (422, b'{"prompt": "a\\ud800", "reference": "r", "candidates": ["c"]}',
+                       "surrogate"),
     "too many items": (413, [ITEM2] * 5, "5 items exceed the limit of 4"),
     "too many candidates": (413, {**ITEM, "candidates": ["c"] * 9}, "candidates: 9 exceed"),
     "text too long": (413, {**ITEM, "reference": "x" * 201}, "reference: 201 characters"),
