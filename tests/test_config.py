@@ -56,3 +56,16 @@ def test_frozen():
     cfg = TrainConfig()
     with pytest.raises(Exception):
         cfg.beta = 3.0
+
+
+class Nested(Section):
+    sft: TrainConfig = TrainConfig(objective="sft", lr=3e-3)
+    other: TrainConfig | None = None
+
+
+def test_partial_section_keeps_the_jobs_own_defaults(tmp_path):
+    cfg = load_config(Nested, None, ["sft.max_steps=30"])
+    assert (cfg.sft.objective, cfg.sft.lr, cfg.sft.max_steps) == ("sft", 3e-3, 30)
+    cfg = load_config(Nested, write(tmp_path, "sft: {lr: 0.1}\n"))
+    assert (cfg.sft.objective, cfg.sft.lr) == ("sft", 0.1)
+    assert load_config(Nested, write(tmp_path, "sft: {lr: 0.1}\n"), ["other.lr=0.2"]).other.lr == 0.2

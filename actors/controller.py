@@ -1,0 +1,158 @@
+"""LD-Align's job controller: Algorithm 1 as a list of resumable stages.
+
+    setup            tiny base model + toy data (embedded default only)
+    sft              continual SFT on D -> theta_0                    (skipped if sft is null)
+    iter_000/samples y' ~ theta_0 for every prompt of D
+    guide            T = (phi, psi) trained on D and those samples (Alg. 1 line 4)
+    eval/theta_0     greedy samples on held-out prompts: exact match, latent distance
+    for t = 0..T-1:
+      iter_t/samples   y' ~ theta_t                                    (t = 0: done above)
+      iter_t/pairs     distances, weights s_i / mean s, ref log-probs under theta_t
+      iter_t/train     weighted DPO: theta_t -> theta_{t+1} = iter_t/policy
+      eval/theta_t+1
+    report           plots + summary table
+
+The controller runs in the job's driver (the entrypoint `ray job submit` starts on the head
+node) and holds no math: each stage hands work to Ray Data actor pools (pipelines/) or a
+Ray Train job (actors/trainer.py, actors/guide_trainer.py). Progress is the run directory's
+manifest (rayalign.rundir): a finished stage is never redone, a restarted job resumes at the
+first unfinished one, and outputs appear atomically, so nothing partial is ever read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from actors.guide_trainer import train_guide
+from actors.trainer import run_training
+from pipelines.evaluate import evaluate_stage
+from pipelines.pairs import pairs_stage, sample_stage
+from rayalign import toytask
+from rayalign.config import DataConfig, LDAlignConfig, TrainConfig
+from rayalign.report import write_report
+from rayalign.rundir import RunDir, StageRecord, config_hash
+from rayalign.tiny import build_tiny_checkpoint
+
+Log = Callable[[str], None]
+
+
+class LDAlignController:
+    def __init__(self, cfg: LDAlignConfig, log: Log = print):
+        self.cfg, self.log = cfg, log
+        fingerprint = config_hash(cfg.model_dump(exclude={"run_dir", "iterations"}))
+        self.run = RunDir(cfg.run_dir, fingerprint)
+
+    def stage(self, name: str, body: Callable[[], tuple[dict, dict]]) -> StageRecord:
+        """Run `body` unless the manifest says `name` is done; `body` returns (outputs, metrics)."""
+        if self.run.done(name):
+            self.log(f"[{name}] done earlier, skipped")
+            return self.run.get(name)
+        self.log(f"[{name}] running")
+        self.run.start(name)
+        start = time.time()
+        outputs, metrics = body()
+        record = self.run.record(name, outputs, metrics, time.time() - start)
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in metrics.items() if isinstance(v, (int, float)))
+        self.log(f"[{name}] finished in {record.seconds:.1f}s" + (f": {shown}" if shown else ""))
+        return record
+
+    def _data(self, key: str, setup: StageRecord | None) -> DataConfig:
+        given = self.cfg.data if key == "train" else self.cfg.eval_data
+        return given or DataConfig(path=setup.outputs[key], kind="sft")
+
+    def run_all(self) -> list[dict]:
+        """Run (or resume) the whole job; returns one summary row per policy theta_t."""
+        cfg, run = self.cfg, self.run
+        setup = self.stage("setup", self._setup) if cfg.policy is None or cfg.data is None else None
+        train_data, eval_data = self._data("train", setup), self._data("eval", setup)
+        base = cfg.policy.path if cfg.policy else setup.outputs["base"]
+
+        policy = base
+        if cfg.sft is not None:
+            out = run.path("sft", "policy")
+            policy = self.stage("sft", lambda: self._train("sft", cfg.sft, train_data, base, out)
+                                ).outputs["policy"]
+
+        samples = self._samples(0, train_data, policy)
+        guide = None
+        if cfg.weights == "latent":
+            out = run.path("guide")
+            guide = self.stage("guide", lambda: (
+                {"guide": train_guide(train_data, samples, cfg.guide.model or policy, out,
+                                      cfg.guide, cfg.guide_workers)},
+                {})).outputs["guide"]
+
+        rows = [self._evaluate("theta_0", eval_data, policy, guide, None)]
+        for t in range(cfg.iterations):
+            it = f"iter_{t:03d}"
+            samples = self._samples(t, train_data, policy)
+            pairs_path = run.path(it, "pairs.parquet")
+            pairs = self.stage(f"{it}/pairs", lambda: (
+                {"pairs": pairs_path},
+                pairs_stage(samples, policy, guide, pairs_path, train_data, cfg.pairs)))
+            pairs_data = DataConfig(path=pairs.outputs["pairs"], kind="preference",
+                                    max_prompt_length=train_data.max_prompt_length,
+                                    max_length=train_data.max_length)
+            out = run.path(it, "policy")
+            trained = self.stage(f"{it}/train",
+                                 lambda: self._train(f"{it}-train", cfg.train, pairs_data, policy, out))
+            policy = trained.outputs["policy"]
+            rows.append(self._evaluate(f"theta_{t + 1}", eval_data, policy, guide, trained.metrics))
+
+        self.stage("report", lambda: self._report(rows))
+        return rows
+
+    def _setup(self) -> tuple[dict, dict]:
+        tiny, outputs = self.cfg.tiny, {}
+        if self.cfg.data is None:
+            outputs["train"] = toytask.write_jsonl(self.run.path("data", "train.jsonl"),
+                                                   toytask.make_rows(tiny.train_rows, tiny.seed))
+            outputs["eval"] = toytask.write_jsonl(self.run.path("data", "eval.jsonl"),
+                                                  toytask.make_rows(tiny.eval_rows, tiny.seed + 1))
+        if self.cfg.policy is None:
+            outputs["base"] = build_tiny_checkpoint(
+                self.run.path("base"), toytask.corpus(), arch=tiny.arch,
+                hidden_size=tiny.hidden_size, num_layers=tiny.num_layers, seed=tiny.seed)
+        return outputs, {}
+
+    def _train(self, name: str, train: TrainConfig, data: DataConfig, policy: str,
+               out: Path) -> tuple[dict, dict]:
+        """One Ray Train job; its checkpoints live under the run directory, per stage name,
+        so Ray Train's own retries resume within the stage."""
+        metrics = run_training(train, data, policy, out, storage=self.run.path(".ray_train"),
+                               name=name)
+        return {"policy": out}, metrics
+
+    def _samples(self, t: int, data: DataConfig, policy: str) -> str:
+        path = self.run.path(f"iter_{t:03d}", "samples.parquet")
+        return self.stage(f"iter_{t:03d}/samples", lambda: (
+            {"samples": path},
+            sample_stage(data, policy, path, self.cfg.sampling, self.cfg.pairs))).outputs["samples"]
+
+    def _evaluate(self, name: str, data: DataConfig, policy: str, guide: str | None,
+                  train_metrics: dict | None) -> dict:
+        path = self.run.path("eval", f"{name}.parquet")
+        record = self.stage(f"eval/{name}", lambda: (
+            {"scored": path},
+            evaluate_stage(data, policy, guide, path, self.cfg.eval_sampling, self.cfg.pairs)))
+        row = {"policy": name, "eval_exact_match": record.metrics["exact_match"],
+               "eval_mean_distance": record.metrics.get("mean_distance"), "scored": record.outputs["scored"]}
+        for key, source in (("loss", "loss"), ("reward_margin", "margin"),
+                            ("reward_accuracy", "accuracy")):
+            if train_metrics and source in train_metrics:
+                row[f"train_{key}"] = train_metrics[source]
+        return row
+
+    def _report(self, rows: list[dict]) -> tuple[dict, dict]:
+        import pyarrow.parquet as pq
+
+        distances = {}
+        for row in rows:
+            column = pq.read_table(row["scored"], columns=["distance"]).column("distance")
+            if column.null_count == 0:
+                distances[row["policy"]] = column.to_pylist()
+        summary = write_report(self.run.path("report"), rows, distances)
+        return {"summary": summary}, {}

@@ -1,0 +1,101 @@
+"""LD-Align end to end through `ray job submit` on a real `ray start --head` (token auth).
+
+One cluster, two submissions: the first is stopped during iteration 1's training stage, the
+second (same run_dir) must finish without redoing any of iteration 0 and without reading a
+partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rayalign.config import LDAlignConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+SMALL = [
+    "tiny.train_rows=48", "tiny.eval_rows=16", "sft.max_steps=30", "iterations=2",
+    "guide.epochs=2", "sampling.max_new_tokens=16", "eval_sampling.max_new_tokens=16",
+]
+
+
+def test_tiny_yaml_is_the_embedded_default():
+    assert load_config(LDAlignConfig, ROOT / "configs" / "tiny.yaml") == LDAlignConfig()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A `ray start --head` cluster with token auth, separate from the test session's Ray."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "TOKENIZERS_PARALLELISM": "false",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dash = _free_port()
+    subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", "--num-cpus=4",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True)
+    env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    yield env
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+
+
+def _job(env, *args: str, check=True) -> str:
+    out = subprocess.run([RAY, "job", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    if check and out.returncode != 0:
+        raise AssertionError(f"ray job {args[0]} failed:\n{out.stdout}\n{out.stderr}")
+    return out.stdout + out.stderr
+
+
+def _submit(env, run_dir: Path, wait: bool) -> str:
+    sets = [a for s in SMALL + [f"run_dir={run_dir}"] for a in ("--set", s)]
+    return _job(env, "submit", "--working-dir", ".", *([] if wait else ["--no-wait"]), "--",
+                "python", "jobs/ld_align.py", *sets)
+
+
+def _manifest(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+@pytest.mark.slow
+def test_submit_kill_during_iter1_training_and_resume(head, tmp_path):
+    run_dir = tmp_path / "run"
+    out = _submit(head, run_dir, wait=False)
+    job_id = next(w for w in out.split() if w.startswith("raysubmit_"))
+    deadline = time.time() + 600
+    while _manifest(run_dir).get("running") != "iter_001/train":
+        assert time.time() < deadline, f"iter_001/train never started: {_manifest(run_dir)}"
+        status = _job(head, "status", job_id, check=False)
+        assert "FAILED" not in status, _job(head, "logs", job_id, check=False)
+        time.sleep(1)
+    _job(head, "stop", job_id)
+    before = _manifest(run_dir)["stages"]
+    assert "iter_001/train" not in before and not (run_dir / "iter_001" / "policy").exists()
+
+    logs = _submit(head, run_dir, wait=True)
+    after = _manifest(run_dir)["stages"]
+    for stage, entry in before.items():
+        assert after[stage]["finished_at"] == entry["finished_at"], f"{stage} was redone"
+        assert f"[{stage}] done earlier, skipped" in logs
+    assert "[iter_001/train] running" in logs and "report" in after
+    assert "| theta_2 |" in logs
+    config = json.loads((run_dir / "iter_001" / "policy" / "config.json").read_text())
+    assert config["n_layer"] == 2
