@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     table = report(results, encoder, args, ratio)
     print(table)
     if args.write:
-        write_results(Path(args.write), "`bench/scoring.py " + " ".join(
-            sys.argv[1:] if argv is None else argv) + "`\n\n" + table)
+        command = " ".join(["bench/scoring.py", *(sys.argv[1:] if argv is None else argv)])
+        write_results(Path(args.write), f"`{command}`\n\n{table}")
     ray.shutdown()
     return 0
 

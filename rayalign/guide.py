@@ -159,7 +159,7 @@ class GuideModel(nn.Module):
                 digest.update(f.read_bytes())
             for k in sorted(heads):
                 if k.startswith("to_latent."):
-                    digest.update(heads[k].numpy().tobytes())
+                    digest.update(heads[k].view(torch.uint8).numpy().tobytes())
             self.spec = replace(self.spec, version=digest.hexdigest()[:12])
             write_json(tmp / SPEC_FILE, asdict(self.spec))
         return Path(path)
