@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/sampling.py [--prompts 32] [--batch-size 32] [--max-new-tokens 32]
                                        [--hidden-size 256] [--layers 4] [--device cpu] [--repeats 2]
+                                       [--threads 1]
 
 Builds a random-init GPT-2 of the given size with rayalign.tiny (no download), samples the
 same toy-task prompts with the same per-prompt seeds three ways and prints samples/s:
@@ -19,6 +20,7 @@ A random model rarely emits EOS, so every sample has exactly --max-new-tokens to
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -59,8 +61,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2, help="best of N interleaved runs")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 = as a Ray sampler actor with num_cpus=1 runs")
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = SamplingConfig(engine="hf", max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, temperature=1.0, seed=0)
@@ -89,7 +94,8 @@ def main() -> None:
     single, batched, native = rates["one"], rates["batched"], rates["native"]
 
     print(f"model: GPT-2, {params / 1e6:.1f}M params, hidden {args.hidden_size}, "
-          f"{args.layers} layers, {args.device}, {torch.get_num_threads()} threads")
+          f"{args.layers} layers, {args.device}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{len(prompts)} prompts x {args.max_new_tokens} new tokens, batch size "
           f"{args.batch_size}, best of {args.repeats}")
     print(f"one at a time          {single:8.1f} samples/s")
