@@ -22,7 +22,7 @@ Two stages, so the controller can checkpoint each output and resume at the first
    Without a guide (``guide_path=None``: SPIN, uniform weights) no scorer runs, ``weight`` is
    1 and ``distance`` is null (not measured; 0 would claim "sample equals gold").
 
-Both outputs are single Parquet files written atomically (pipelines/parquet.py). Rows keep the
+Both outputs are single Parquet files written atomically (pipelines/datasets.py). Rows keep the
 SFT file's order. Inputs may be local paths or URIs; outputs are local (or NFS) paths, as the
 run directory is. Actor pools and batch sizes come from `PairsConfig`; progress bars are on
 unless `PairsConfig.progress_bars` is false.
