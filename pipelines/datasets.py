@@ -15,8 +15,10 @@ for that would keep Ray Data's sharded directory instead and be read with
 from __future__ import annotations
 
 import os
+import uuid
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayalign.config import ResourcesConfig
@@ -39,12 +41,36 @@ def actor_pool(resources: ResourcesConfig) -> dict:
             "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
 
 
-def write_single_parquet(ds, path: str | os.PathLike, schema: pa.Schema) -> int:
-    """Execute `ds` and write its `schema` columns (cast to `schema`) to `path`; returns rows."""
+def _write(ds, sink, schema: pa.Schema) -> int:
     rows = 0
-    with atomic_file(path) as tmp, pq.ParquetWriter(str(tmp), schema) as writer:
+    with pq.ParquetWriter(sink, schema) as writer:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             table = batch.select(schema.names).cast(schema)
             writer.write_table(table)
             rows += table.num_rows
+    return rows
+
+
+def write_single_parquet(ds, path: str | os.PathLike, schema: pa.Schema) -> int:
+    """Execute `ds` and write its `schema` columns (cast to `schema`) to `path`; returns rows.
+
+    `path` is a local path or a URI pyarrow understands (s3://, gs://, file://). A URI is
+    written to a temporary sibling key and then moved: on object stores the final key appears
+    at once, complete, as an atomic rename does on a POSIX filesystem.
+    """
+    path = str(path)
+    if "://" not in path:
+        with atomic_file(path) as tmp:
+            return _write(ds, str(tmp), schema)
+    filesystem, inner = pafs.FileSystem.from_uri(path)
+    parent, _, name = inner.rpartition("/")
+    tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    filesystem.create_dir(parent, recursive=True)
+    try:
+        with filesystem.open_output_stream(tmp) as sink:
+            rows = _write(ds, sink, schema)
+        filesystem.move(tmp, inner)
+    finally:
+        if filesystem.get_file_info(tmp).type != pafs.FileType.NotFound:
+            filesystem.delete_file(tmp)
     return rows

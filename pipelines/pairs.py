@@ -23,8 +23,8 @@ Two stages, so the controller can checkpoint each output and resume at the first
    1 and ``distance`` is null (not measured; 0 would claim "sample equals gold").
 
 Both outputs are single Parquet files written atomically (pipelines/datasets.py). Rows keep the
-SFT file's order. Inputs may be local paths or URIs; outputs are local (or NFS) paths, as the
-run directory is. Actor pools and batch sizes come from `PairsConfig`; progress bars are on
+SFT file's order. Inputs and outputs may be local paths or URIs (s3://, gs://, file://); the
+policy and guide checkpoints are directories every actor must see (local, NFS). Actor pools and batch sizes come from `PairsConfig`; progress bars are on
 unless `PairsConfig.progress_bars` is false.
 """
 
@@ -123,9 +123,10 @@ def pairs_stage(samples_path: str | Path, policy_path: str, guide_path: str | No
 def build_pairs(data: DataConfig, policy_path: str, guide_path: str | None, out_dir: str | Path,
                 sampling: SamplingConfig, cfg: PairsConfig) -> dict:
     """Both stages: ``out_dir/samples.parquet`` then ``out_dir/pairs.parquet``; their stats."""
-    samples = Path(out_dir) / "samples.parquet"
+    out_dir = str(out_dir).rstrip("/")  # a local path or a URI (Path would mangle s3://)
+    samples = f"{out_dir}/samples.parquet"
     return {
         "sample": sample_stage(data, policy_path, samples, sampling, cfg),
-        "pairs": pairs_stage(samples, policy_path, guide_path, Path(out_dir) / "pairs.parquet",
+        "pairs": pairs_stage(samples, policy_path, guide_path, f"{out_dir}/pairs.parquet",
                              data, cfg),
     }

@@ -106,14 +106,15 @@ def test_latent_weights_are_distances_over_the_whole_datasets_mean(uniform_run, 
 def test_same_seed_same_samples_whatever_the_batching(uniform_run, tiny_gpt2, sft_file, tmp_path):
     """Seeds follow the SFT row, so 3-row batches over 2 sampler actors give the same
     samples as 4-row batches over 1 actor (that other seeds give other samples is checked
-    on the engine in test_sampling.py)."""
+    on the engine in test_sampling.py). Input and output given as file:// URIs."""
     out, _ = uniform_run
     first = _rows(out / "samples.parquet")
     pipe = PIPE.model_copy(update={"sampler": ResourcesConfig(num_actors=2)})
-    data = DataConfig(path=sft_file, **DATA)
-    sample_stage(data, tiny_gpt2, tmp_path / "again.parquet",
+    data = DataConfig(path=f"file://{sft_file}", **DATA)  # and URIs in and out
+    sample_stage(data, tiny_gpt2, f"file://{tmp_path}/again/samples.parquet",
                  SAMPLING.model_copy(update={"batch_size": 3}), pipe)
-    assert _rows(tmp_path / "again.parquet") == first
+    assert _rows(tmp_path / "again" / "samples.parquet") == first
+    assert [f.name for f in (tmp_path / "again").iterdir()] == ["samples.parquet"]
 
 
 def test_bad_sft_row_stops_before_any_sampling(tiny_gpt2, tmp_path, monkeypatch):
