@@ -1,7 +1,8 @@
 """The policy sampler as a Ray Data callable class and as a Ray Serve deployment.
 
-`PolicySampler` owns one sampling engine (`rayalign.sampling.make_engine`: vLLM on a GPU where
-installed, else Hugging Face ``generate``) and holds no math of its own.
+`PolicySampler` (Ray Data) and `SamplerReplica` (Serve) each own one sampling engine
+(`rayalign.sampling.make_engine`: vLLM on a GPU where installed, else Hugging Face
+``generate``) and hold no math of their own.
 
 Ray Data: ``ds.map_batches(PolicySampler, fn_constructor_kwargs=..., concurrency=...)`` on a
 batch with a ``prompt`` column (any other columns pass through) adds a ``sample`` column.
@@ -11,13 +12,18 @@ If the batch has a ``row`` column (the example's index in its dataset), prompt `
 sampled with seed ``derive_seed(sampling.seed, row_i)``: its samples then depend on the seed
 and the row only, not on how Ray Data cut the dataset into batches or spread them over actors.
 
-Serve: `sampler_deployment` binds the same class as a deployment whose `generate` method the
-OpenAI-compatible ingress (services/sampler.py) calls through a handle.
+Serve: `SamplerReplica` holds the same engine as a deployment with dynamic batching
+(`sampler_deployment` binds it); the OpenAI-compatible ingress (services/sampler.py) calls
+its `generate` through a handle.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
+
 import numpy as np
+from ray import serve
 
 from rayalign.config import ResourcesConfig, SamplingConfig
 from rayalign.sampling import Completion, derive_seed, make_engine
@@ -41,18 +47,46 @@ class PolicySampler:
         out["sample"] = np.array([c.text for cs in completions for c in cs], dtype=object)
         return out
 
-    def generate(self, prompts: list[str], seeds: list[int] | None = None,
-                 params: SamplingConfig | None = None) -> list[list[Completion]]:
-        """The engine's `generate` (the Serve entry point)."""
-        return self.engine.generate(prompts, seeds, params)
+
+class SamplerReplica:
+    """A Serve replica of the policy sampler with dynamic batching.
+
+    Each (prompt, seed) of every request is one unit of ``@serve.batch``: the units of the
+    requests waiting now (up to `sampling.batch_size`, or `batch_wait_timeout_s`) are grouped
+    by their sampling parameters and each group is one engine call. Because every prompt
+    samples from its own seeded stream, pooling never changes a request's result.
+    """
+
+    def __init__(self, model_path: str, sampling: SamplingConfig, max_prompt_length: int | None,
+                 batch_wait_timeout_s: float, device: str = "auto"):
+        self.engine = make_engine(model_path, sampling, max_prompt_length, device)
+        self._sample.set_max_batch_size(sampling.batch_size)
+        self._sample.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch
+    async def _sample(self, units: list[tuple[str, int, SamplingConfig]]) -> list[list[Completion]]:
+        groups: dict[SamplingConfig, list[int]] = defaultdict(list)
+        for i, (_, _, params) in enumerate(units):
+            groups[params].append(i)
+        results: list[list[Completion]] = [[] for _ in units]
+        for params, index in groups.items():
+            out = self.engine.generate([units[i][0] for i in index], [units[i][1] for i in index],
+                                       params)
+            for i, completions in zip(index, out):
+                results[i] = completions
+        return results
+
+    async def generate(self, prompts: list[str], seeds: list[int],
+                       params: SamplingConfig) -> list[list[Completion]]:
+        """``params.n`` completions per prompt, prompt i sampled with seed ``seeds[i]``."""
+        return list(await asyncio.gather(*(self._sample((p, s, params))
+                                           for p, s in zip(prompts, seeds))))
 
 
 def sampler_deployment(model_path: str, sampling: SamplingConfig, replicas: ResourcesConfig,
-                       max_prompt_length: int | None = None):
-    """`PolicySampler` as a bound Serve deployment with the configured replicas and resources."""
-    from ray import serve
-
+                       max_prompt_length: int | None, batch_wait_timeout_s: float):
+    """`SamplerReplica` as a bound Serve deployment with the configured replicas and resources."""
     return serve.deployment(
-        PolicySampler, name="PolicySampler", num_replicas=replicas.num_actors,
+        SamplerReplica, name="PolicySampler", num_replicas=replicas.num_actors,
         ray_actor_options={"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus},
-    ).bind(model_path, sampling, max_prompt_length)
+    ).bind(model_path, sampling, max_prompt_length, batch_wait_timeout_s)

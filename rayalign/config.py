@@ -112,6 +112,10 @@ class SamplerServiceConfig(Section):
     sampling: SamplingConfig = SamplingConfig()
     max_prompt_length: int | None = Field(None, gt=0, description="Keep the last N prompt tokens.")
     max_completions: int = Field(64, gt=0, description="Largest prompts x n per request.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0.0, description="Dynamic batching: how long a replica waits to pool prompts of "
+        "concurrent requests (up to sampling.batch_size) into one engine call.",
+    )
     app_name: str = "sampler"
     route_prefix: str = Field("/", description="Clients use base_url <host>:8000<prefix>/v1.")
     replicas: ResourcesConfig = Field(

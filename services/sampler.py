@@ -14,8 +14,10 @@ are 400. Without ``seed`` a request gets a fresh random seed, as with OpenAI; wi
 same request gives the same choices.
 
 Two deployments, like Ray Serve LLM's router + server: the FastAPI ingress (`OpenAIIngress`,
-tokenizer only: chat template, token counts) and the `PolicySampler` replicas holding the
-model (actors/sampler.py), scaled and given GPUs independently from `SamplerServiceConfig`.
+tokenizer only: chat template, token counts) and the `SamplerReplica`s holding the model
+(actors/sampler.py), scaled and given GPUs independently from `SamplerServiceConfig`; the
+replicas pool the prompts of concurrent requests into one engine call (dynamic batching),
+which leaves every result unchanged (per-prompt seeded streams).
 
 Run: ``serve run services.sampler:app_builder config=configs/sampler_service.yaml
 model_path=/path/to/ckpt`` (every argument but ``config`` is a ``key.path=value`` override).
@@ -201,7 +203,8 @@ class OpenAIIngress:
 
 def build_app(cfg: SamplerServiceConfig):
     """The Serve application: ingress + sampler replicas (run with `serve.run`)."""
-    sampler = sampler_deployment(cfg.model_path, cfg.sampling, cfg.replicas, cfg.max_prompt_length)
+    sampler = sampler_deployment(cfg.model_path, cfg.sampling, cfg.replicas,
+                                 cfg.max_prompt_length, cfg.batch_wait_timeout_s)
     return OpenAIIngress.bind(sampler, cfg)
 
 

@@ -3,6 +3,7 @@ official `openai` client (and httpx for the error cases the client would hide)."
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -67,6 +68,21 @@ def test_chat_completions_apply_the_chat_template(service, tiny_gpt2):
     greedy = cfg.sampling.model_copy(update={"max_new_tokens": 5, "temperature": 0.0})
     (expected,), = HFEngine(tiny_gpt2, cfg.sampling, cfg.max_prompt_length).generate([prompt], params=greedy)
     assert choice.message.content == expected.text
+
+
+def test_concurrent_requests_pooled_by_the_replica_get_their_own_samples(service, tiny_gpt2):
+    """Requests in flight together are pooled into engine calls (grouped by their sampling
+    parameters); each still gets exactly what the engine gives it alone."""
+    cfg, _, client = service
+    requests = [{"prompt": f"sort: {i} 3 1 =>", "seed": i, "max_tokens": 4 + i % 2,
+                 "temperature": 1.0} for i in range(8)]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        got = list(pool.map(lambda r: client.completions.create(model=MODEL, **r), requests))
+    engine = HFEngine(tiny_gpt2, cfg.sampling, cfg.max_prompt_length)
+    for r, response in zip(requests, got):
+        params = cfg.sampling.model_copy(update={"max_new_tokens": r["max_tokens"]})
+        (expected,), = engine.generate([r["prompt"]], [derive_seed(r["seed"], 0)], params)
+        assert response.choices[0].text == expected.text
 
 
 @pytest.mark.parametrize("body,status,needle", [

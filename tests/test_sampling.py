@@ -143,7 +143,7 @@ def test_policy_sampler_explodes_n_samples_into_rows_and_passes_columns_through(
     assert list(out["row"]) == [10, 10, 11, 11, 12, 12]
     assert list(out["gold"]) == ["a", "a", "b", "b", "c", "c"]
     # row r is sampled with seed derive_seed(sampling.seed, r), whatever its batch
-    expected = sampler.generate(PROMPTS[1:2], [derive_seed(5, 11)])[0]
+    expected = sampler.engine.generate(PROMPTS[1:2], [derive_seed(5, 11)])[0]
     assert list(out["sample"][2:4]) == [c.text for c in expected]
 
 
