@@ -226,7 +226,7 @@ def zero_first_moment(trainer, names: Sequence[str]) -> None:
     tensor keeps its value even after earlier phases built up momentum. A tensor the
     optimizer has no state for yet (no step taken) has nothing to zero.
     """
-    from deepspeed.utils import safe_get_local_optimizer_state, safe_set_full_optimizer_state
+    from deepspeed.utils import safe_get_local_optimizer_state
 
     # ZeRO 1/2 link each fragment to its optimizer state only after the engine's first step;
     # an engine that has just loaded a checkpoint has the state but not the links yet.
@@ -240,10 +240,9 @@ def zero_first_moment(trainer, names: Sequence[str]) -> None:
             state = safe_get_local_optimizer_state(p, "exp_avg")
             if state is not None:
                 state.zero_()
-        elif hasattr(p, "_hp_mapping"):  # ZeRO 1/2 (and bf16): this rank's fragment
+        elif hasattr(p, "_hp_mapping"):  # ZeRO 1/2 (and bf16): a view of this rank's fragment
             if p._hp_mapping is not None and "exp_avg" in (p._hp_mapping.optim_fragment or {}):
-                safe_set_full_optimizer_state(p, torch.zeros(p.shape, dtype=torch.float32,
-                                                             device=p.device), "exp_avg")
+                p._hp_mapping.get_optim_state_fragment("exp_avg").zero_()
         else:  # ZeRO-0 in fp32: the torch optimizer holds the state of the parameter itself
             state = trainer.engine.optimizer.state.get(p, {})
             if "exp_avg" in state:
@@ -364,9 +363,21 @@ def _has_reference(examples: Sequence) -> bool:
     return all(getattr(e, k, None) is not None for e in examples for k in keys)
 
 
+def interleave_labels(examples: Sequence) -> list:
+    """Unpaired rows reordered true, false, true, false, ... (the surplus of the larger side
+    dropped), so that every contiguous part and rank shard holds both labels equally, as
+    aot_unpaired's micro-batches need (`rayalign.train.micro_batches`)."""
+    chosen = [e for e in examples if e.label]
+    rejected = [e for e in examples if not e.label]
+    return [e for pair in zip(chosen, rejected) for e in pair]
+
+
 @dataclass(frozen=True)
 class HbatData:
-    """The N parts of D_IFA and of D_HPA (validated `rayalign.data` examples, all ranks' rows)."""
+    """The N parts of D_IFA and of D_HPA (validated `rayalign.data` examples, all ranks' rows).
+
+    Unpaired D_HPA is first `interleave_labels`-ed.
+    """
 
     ifa: list[list]
     hpa: list[list]
@@ -375,9 +386,10 @@ class HbatData:
     def load(cls, cfg: HbatConfig, tokenizer) -> HbatData:
         from rayalign.data import load_dataset
 
-        n = cfg.num_splits
-        return cls(split_parts(load_dataset(cfg.ifa, tokenizer), n),
-                   split_parts(load_dataset(cfg.hpa, tokenizer), n))
+        n, hpa = cfg.num_splits, load_dataset(cfg.hpa, tokenizer)
+        if cfg.hpa.kind == "unpaired":
+            hpa = interleave_labels(hpa)
+        return cls(split_parts(load_dataset(cfg.ifa, tokenizer), n), split_parts(hpa, n))
 
     def part(self, phase: HbatPhase) -> list:
         return (self.ifa if phase.kind == "ifa" else self.hpa)[phase.round - 1]

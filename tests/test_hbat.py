@@ -128,3 +128,16 @@ def test_freeze_selects_top_tensors_of_the_other_type() -> None:
 def test_penalty_without_finished_phase_of_the_other_type_fails() -> None:
     with pytest.raises(ValueError, match="no ifa phase finished"):
         phase_penalty(HbatPhase(1, 1, "hpa", "ewc"), AccumulatedChange(), EWCConfig())
+
+
+def test_unpaired_rows_alternate_labels_so_every_shard_has_both() -> None:
+    """Labels T T T F F -> T F T F (one surplus T dropped); 2 ranks then get [T, F] each."""
+    from rayalign.data import UnpairedExample
+    from rayalign.hbat import interleave_labels
+
+    rows = [UnpairedExample("p", str(i), label) for i, label in
+            enumerate([True, True, True, False, False])]
+    mixed = interleave_labels(rows)
+    assert [(e.completion, e.label) for e in mixed] == [("0", True), ("3", False),
+                                                        ("1", True), ("4", False)]
+    assert [e.label for e in rank_shard(mixed, 1, 2)] == [True, False]
