@@ -30,7 +30,6 @@ def service(ray_cluster, tiny_gpt2):
     base = f"http://127.0.0.1:8000{ROUTE}/v1"
     yield cfg, base, openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
     serve.delete(cfg.app_name)
-    serve.shutdown()
 
 
 def test_models_lists_the_served_model(service):
