@@ -87,6 +87,6 @@ def sampler_deployment(model_path: str, sampling: SamplingConfig, replicas: Reso
                        max_prompt_length: int | None, batch_wait_timeout_s: float):
     """`SamplerReplica` as a bound Serve deployment with the configured replicas and resources."""
     return serve.deployment(
-        SamplerReplica, name="PolicySampler", num_replicas=replicas.num_actors,
+        SamplerReplica, num_replicas=replicas.num_actors,
         ray_actor_options={"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus},
     ).bind(model_path, sampling, max_prompt_length, batch_wait_timeout_s)
