@@ -18,7 +18,7 @@ from pipelines.pairs import PAIRS_SCHEMA, build_pairs, pairs_stage, sample_stage
 from pipelines.refs import ref_logps_stage
 from rayalign import toytask
 from rayalign.config import DataConfig, GuideConfig, PairsConfig, ResourcesConfig, SamplingConfig
-from rayalign.data import DataError, collate, encode, read_rows
+from rayalign.data import DataError, collate, encode, load_examples, read_rows
 from rayalign.guide import GuideModel
 from rayalign.logprobs import sequence_logprobs
 from rayalign.models import load_model, load_tokenizer
@@ -64,6 +64,10 @@ def test_uniform_pairs_are_gold_vs_own_sample_with_weight_one(uniform_run, sft_f
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == \
         [(s["prompt"], s["gold"], s["sample"]) for s in samples]
     assert all(p["weight"] == 1.0 and p["distance"] is None for p in pairs)
+    # the trainer reads the file as a preference dataset with its weights and ref log-probs
+    examples = load_examples(out / "pairs.parquet", "preference")
+    assert [(e.chosen, e.weight, e.ref_chosen_logps, e.ref_rejected_logps) for e in examples] == \
+        [(p["chosen"], 1.0, p["ref_chosen_logps"], p["ref_rejected_logps"]) for p in pairs]
     assert not [f for f in out.iterdir() if f.name.startswith(".")]  # no temp leftovers
 
 
