@@ -4,7 +4,7 @@
 (`rayalign.sampling.make_engine`: vLLM on a GPU where installed, else Hugging Face
 ``generate``) and hold no math of their own.
 
-Ray Data: ``ds.map_batches(PolicySampler, fn_constructor_kwargs=..., concurrency=...)`` on a
+Ray Data: ``ds.map_batches(PolicySampler, fn_constructor_kwargs=..., compute=ActorPoolStrategy(...))`` on a
 batch with a ``prompt`` column (any other columns pass through) adds a ``sample`` column.
 With ``n > 1`` every input row is *exploded* into ``n`` output rows (same prompt and
 passthrough columns, one sample each), so downstream stages always see one sample per row.
