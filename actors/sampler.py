@@ -4,8 +4,8 @@
 (`rayalign.sampling.make_engine`: vLLM on a GPU where installed, else Hugging Face
 ``generate``) and hold no math of their own.
 
-Ray Data: ``ds.map_batches(PolicySampler, fn_constructor_kwargs=..., compute=ActorPoolStrategy(...))`` on a
-batch with a ``prompt`` column (any other columns pass through) adds a ``sample`` column.
+Ray Data: ``ds.map_batches(PolicySampler, fn_constructor_kwargs=..., compute=...)`` on a batch
+with a ``prompt`` column (any other columns pass through) adds a ``sample`` column.
 With ``n > 1`` every input row is *exploded* into ``n`` output rows (same prompt and
 passthrough columns, one sample each), so downstream stages always see one sample per row.
 If the batch has a ``row`` column (the example's index in its dataset), prompt ``i`` is
