@@ -24,7 +24,8 @@ from rayalign.models import load_model, load_tokenizer
 from rayalign.toytask import make_preference_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["tiny.train_rows=64", "sft.micro_batch_size=8", "preference.micro_batch_size=8"]
+SMALL = ["tiny.train_rows=64", "sft.micro_batch_size=8", "preference.micro_batch_size=8",
+         "sft.epochs=1", "preference.epochs=1"]
 
 
 def _job():
