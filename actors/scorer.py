@@ -3,7 +3,8 @@
 A callable class for Ray Data (`ds.map_batches(GuideScorer, fn_constructor_kwargs={"guide_path":
 ...}, batch_format="numpy", concurrency=..., num_gpus=...)`): it loads the guide's encoder once
 per actor, reads columns `prompt`, `gold`, `sample` and returns the batch with a float64
-`distance` column added. The Serve app (services/scoring.py) holds one for the same model.
+`distance` column added. It imports nothing from Ray, so a Serve deployment or any other
+process can hold one too.
 """
 
 from __future__ import annotations

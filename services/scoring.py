@@ -33,7 +33,6 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,10 +40,9 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 from ray import serve
 
-from actors.scorer import GuideScorer
 from rayalign.cli import parse_job_config
 from rayalign.config import ScoringConfig, load_config
-from rayalign.guide import SPEC_FILE, pair_distances, unique_pairs
+from rayalign.guide import SPEC_FILE, GuideModel, pair_distances, resolve_device, unique_pairs
 
 
 def _not_blank(value: str) -> str:
@@ -155,8 +153,7 @@ def _check_sizes(items: list[BaseModel], cfg: ScoringConfig) -> None:
 class ScoringService:
     def __init__(self, cfg: ScoringConfig, token: str | None):
         self.cfg = cfg
-        self.scorer = GuideScorer(cfg.guide_path, cfg.max_batch_size, cfg.device)
-        self.guide = self.scorer.guide
+        self.guide = GuideModel.load(cfg.guide_path, resolve_device(cfg.device), decoder=False)
         self._embed_pooled.set_max_batch_size(cfg.max_batch_size)
         self._embed_pooled.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         api.state.guard = _Guard(token, cfg)
@@ -186,13 +183,8 @@ class ScoringService:
         items = body if isinstance(body, list) else [body]
         _check_sizes(items, self.cfg)
         rows = [(it.prompt, it.reference, c) for it in items for c in it.candidates]
-        if self.cfg.batching:
-            unique, ref, cand = unique_pairs(*zip(*rows))
-            flat = pair_distances(await self._embed(unique), ref, cand).tolist()
-        else:
-            columns = {k: np.array(v, dtype=object) for k, v in zip(("prompt", "gold", "sample"),
-                                                                     zip(*rows))}
-            flat = self.scorer(columns)["distance"].tolist()
+        unique, ref, cand = unique_pairs(*zip(*rows))
+        flat = pair_distances(await self._embed(unique), ref, cand).tolist()
         out, start = [], 0
         for it in items:
             out.append(flat[start:start + len(it.candidates)])
