@@ -131,7 +131,8 @@ def main() -> None:
               f"parameters; {args.workers} CPU ranks (gloo); DPO, {args.batch} pairs/rank/step; "
               f"{args.steps} steps, EWC on/off in blocks of {args.block}")
         print("| ZeRO | step without EWC, wall / CPU (ms) | with EWC, wall / CPU (ms) "
-              "| ratio, wall | ratio, CPU | hook (ms) | hook / step | snapshot + C per phase (ms) |")
+              "| ratio, wall | ratio, CPU | hook (ms) | hook / step "
+              "| snapshot + C per phase (ms) |")
         print("|---|---|---|---|---|---|---|---|")
         for stage in args.zero:
             out = str(Path(tmp) / f"zero{stage}.pt")

@@ -219,6 +219,18 @@ def freeze_hook(frozen: Sequence[str]) -> Callable:
     )
 
 
+def penalty_hook(trainer, penalty: PhasePenalty | None, anchor: Snapshot, lam: float
+                 ) -> Callable | None:
+    """The gradient hook of a phase: EWC toward ``anchor`` with lambda F_i, or the freeze
+    (whose momentum reset happens here, at the phase start), or None."""
+    if penalty is None:
+        return None
+    if penalty.mode == "ewc":
+        return ewc_hook(anchor, {n: lam * f for n, f in penalty.importance.items()})
+    zero_first_moment(trainer, penalty.frozen)
+    return freeze_hook(penalty.frozen)
+
+
 def zero_first_moment(trainer, names: Sequence[str]) -> None:
     """Zero AdamW's ``exp_avg`` of the named tensors (all pieces this rank holds).
 
@@ -403,11 +415,11 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
     """Run every unfinished phase of ``cfg``'s schedule on ``trainer``; return a summary.
 
     Every rank calls this with a `rayalign.train.Trainer` built from
-    ``resolve_inputs(cfg).policy`` and ``cfg.sft``. The run directory (shared by all ranks) must exist with ``cfg``'s
-    fingerprint (`fingerprint`; the driver creates it). Resumes after the last recorded
-    phase (module docstring). The reference model of a preference phase is the policy at its
-    start (theta^IFA, the phase's anchor), its log-probs computed once when the phase starts,
-    unless the preference file already has reference columns.
+    ``resolve_inputs(cfg).policy`` and ``cfg.sft``. The run directory (shared by all ranks)
+    must exist with ``cfg``'s fingerprint (`fingerprint`; the driver creates it). Resumes
+    after the last recorded phase (module docstring). The reference model of a preference
+    phase is the policy at its start (theta^IFA, the phase's anchor), its log-probs computed
+    once when the phase starts, unless the preference file already has reference columns.
     """
     from rayalign.train import Phase, plan_data, to_rows
 
@@ -438,19 +450,13 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
         anchor = Snapshot.take(trainer.local_params(),
                                device="cpu" if cfg.ewc.offload_anchor else None)
         penalty = phase_penalty(phase, ac, cfg.ewc)
-        hook = None
-        if penalty is not None and penalty.mode == "ewc":
-            hook = ewc_hook(anchor, {n: cfg.ewc.lam * f for n, f in penalty.importance.items()})
-        elif penalty is not None and penalty.mode == "freeze":
-            zero_first_moment(trainer, penalty.frozen)
-            hook = freeze_hook(penalty.frozen)
         if rank == 0 and penalty is not None:
             log.info("hbat %s: %s penalty, F^%s entropy %.4f (normalized %.4f), max share %.4f, "
                      "top %s", phase.name, penalty.mode, phase.importance_from.upper(),
                      penalty.stats["entropy"], penalty.stats["normalized_entropy"],
                      penalty.stats["max_share"], penalty.stats["top"][:3])
         result = trainer.run_phase(Phase(phase.name, train, data_cfg, rows, plan),
-                                   grad_hook=hook)
+                                   grad_hook=penalty_hook(trainer, penalty, anchor, cfg.ewc.lam))
         change = global_change(trainer, anchor)
         ac.add(phase.kind, change)
         checkpoint = run.path(phase.name, "checkpoint")
@@ -520,7 +526,10 @@ def summary_table(rows: Sequence[dict]) -> str:
     if not rows:
         return "(no finished phase)"
     keys = list(rows[0])
-    cell = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)

@@ -3,8 +3,9 @@
 Each rank builds `rayalign.train.Trainer`, snapshots its own pieces of the parameters as the
 anchor theta* (`Snapshot.take(trainer.local_params())`: the rank's flat partition under
 ZeRO-3, its fragments of the optimizer partition under ZeRO-2), trains two SFT steps so that
-theta moves, and computes C with `global_change` (per-rank sums all-reduced). It then takes one step whose loss is multiplied by 0, so after
-the backward the gradient is exactly 0, and applies `ewc_hook` with F = F_max softmax(C/mean C):
+theta moves, and computes C with `global_change` (per-rank sums all-reduced). It then takes
+one step whose loss is multiplied by 0, so after the backward the gradient is exactly 0, and
+applies `ewc_hook` with F = F_max softmax(C/mean C):
 the gradient DeepSpeed now holds is the penalty gradient alone. Rank 0 saves the full
 (gathered) theta*, theta, C and that gradient.
 
