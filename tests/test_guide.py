@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +228,12 @@ def test_ray_train_driver_writes_checkpoint_and_metrics(ray_cluster, tiny_gpt2, 
     assert loaded.embed(PROMPTS, RESPONSES).isfinite().all()
     assert not (tmp_path / "run" / ".guide.train").exists()
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["guide"]
+
+
+def test_train_guide_job_refuses_a_bad_config_before_starting_ray():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "jobs/train_guide.py", "--config", "configs/guide.yaml",
+         "--set", "guide.latent_dim=0"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "guide.latent_dim" in done.stderr and "greater than 0" in done.stderr
