@@ -25,12 +25,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from actors.guide_trainer import train_guide
+from actors.guide_trainer import METRICS_FILE, train_guide
 from actors.trainer import run_training
 from pipelines.evaluate import evaluate_stage
 from pipelines.pairs import pairs_stage, sample_stage
 from rayalign import toytask
 from rayalign.config import DataConfig, LDAlignConfig, TrainConfig
+from rayalign.io import read_json
 from rayalign.report import write_report
 from rayalign.rundir import RunDir, StageRecord, config_hash
 from rayalign.tiny import build_tiny_checkpoint
@@ -80,10 +81,8 @@ class LDAlignController:
         guide = None
         if cfg.weights == "latent":
             out = run.path("guide")
-            guide = self.stage("guide", lambda: (
-                {"guide": train_guide(train_data, samples, cfg.guide.model or policy, out,
-                                      cfg.guide, cfg.guide_workers)},
-                {})).outputs["guide"]
+            guide = self.stage("guide", lambda: self._guide(train_data, samples, policy, out)
+                               ).outputs["guide"]
 
         rows = [self._evaluate("theta_0", eval_data, policy, guide, None)]
         for t in range(cfg.iterations):
@@ -117,6 +116,17 @@ class LDAlignController:
                 self.run.path("base"), toytask.corpus(), arch=tiny.arch,
                 hidden_size=tiny.hidden_size, num_layers=tiny.num_layers, seed=tiny.seed)
         return outputs, {}
+
+    def _guide(self, data: DataConfig, samples: str, policy: str, out: Path) -> tuple[dict, dict]:
+        """Train T = (phi, psi) on D and theta_0's samples; report its latent informativeness
+        (reconstruction NLL with the true latent vs a shuffled one: the gap must be > 0)."""
+        cfg = self.cfg
+        path = train_guide(data, samples, cfg.guide.model or policy, out, cfg.guide, cfg.guide_workers)
+        metrics = read_json(Path(path) / METRICS_FILE)
+        info = metrics["informativeness"]
+        return {"guide": path}, {"informativeness_gap": info["gap"], "nll_true": info["nll_true"],
+                                 "nll_shuffled": info["nll_shuffled"],
+                                 "train_loss": metrics["train_loss"]}
 
     def _train(self, name: str, train: TrainConfig, data: DataConfig, policy: str,
                out: Path) -> tuple[dict, dict]:

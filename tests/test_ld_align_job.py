@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -39,19 +40,33 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A `ray start --head` cluster with token auth, separate from the test session's Ray."""
+def head():
+    """A `ray start --head --block` cluster with token auth, apart from the session's Ray.
+
+    Torn down by signalling its own process group: `ray stop` would stop every Ray on the
+    machine, the test session's shared cluster included."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     dash = _free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", "--num-cpus=4",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
-    yield env
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([RAY, "job", "list"], env=env, capture_output=True).returncode:
+            assert proc.poll() is None and time.time() < deadline, "ray start --head failed"
+            time.sleep(2)
+        yield env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _job(env, *args: str, check=True) -> str:
