@@ -7,8 +7,10 @@ each; DESIGN.md "Engines") in a single Ray Train job, so the model is loaded onc
 Lifecycle (Ray's shard -> step -> report(checkpoint) pattern):
 
 - driver: load and validate every dataset (`rayalign.data.load_dataset`: a bad row fails here,
-  before any cluster time), plan it (`rayalign.train.plan_data`), hand it to Ray Data
-  (`from_items`; Ray Train splits each dataset into equal per-worker shards);
+  before any cluster time), plan it (`rayalign.train.plan_data`), tokenize it once
+  (`rayalign.train.tokenize_rows`), hand it to Ray Data (`from_items`; Ray Train splits each
+  dataset into equal per-worker shards). The driver holds the whole dataset in memory
+  (fine for preference sets of up to ~1e6 pairs; beyond, tokenize in a Ray Data map stage);
 - workers: `rayalign.train.Trainer` on the process group Ray Train set up (gloo on CPU, NCCL
   on GPU), each phase on its shard (`get_dataset_shard(phase name)`), every
   ``checkpoint_every`` steps and after each phase a DeepSpeed checkpoint (all ranks' shards
@@ -60,6 +62,7 @@ from rayalign.train import (
     Trainer,
     plan_data,
     to_rows,
+    tokenize_rows,
 )
 
 _PROGRESS = "progress.json"
@@ -131,8 +134,8 @@ def run_phases(policy: str | Path, phases: Sequence[PhaseSpec], storage: str | P
             plans.append(plan_data(examples, spec.train, first.num_workers))
         except ValueError as err:
             raise ValueError(f"phase {spec.name!r}, {spec.data.path}: {err}") from None
-        datasets[spec.name] = ray.data.from_items(_dataset_rows(to_rows(examples),
-                                                                spec.data.kind == "unpaired"))
+        rows = tokenize_rows(tokenizer, to_rows(examples), spec.data.kind, spec.data)
+        datasets[spec.name] = ray.data.from_items(_dataset_rows(rows, spec.data.kind == "unpaired"))
     storage = str(storage) if "://" in str(storage) else str(Path(storage).absolute())
     identity = json.dumps([str(policy), dtype, [[p.name, p.data.model_dump(), p.train.model_dump(),
                                                   p.export_dir] for p in phases]], sort_keys=True)

@@ -13,7 +13,8 @@ rest (objective, beta, learning rate, weight decay, length) may change per phase
 One optimizer step (the loop in `Trainer.run_phase`):
 
 1. ``gradient_accumulation_steps`` micro-batches, each one forward of the policy over chosen
-   rows then rejected rows (`rayalign.data.collate_pairs`, `rayalign.logprobs`), reference
+   rows then rejected rows (the `rayalign.data.collate_pairs` layout; token ids from
+   `tokenize_rows` or tokenized on the fly; `rayalign.logprobs`), reference
    log-probs from the precomputed columns or a frozen reference model, the loss from
    `rayalign.losses`, ``engine.backward``. DeepSpeed divides each micro-batch loss by the
    accumulation steps and *averages* gradients over data-parallel ranks, which is what
@@ -67,7 +68,6 @@ from rayalign.data import (
     SequenceBatch,
     UnpairedExample,
     collate,
-    collate_pairs,
     encode,
 )
 from rayalign.logprobs import sequence_logprobs
@@ -230,33 +230,59 @@ class MicroBatch:
     weights: Tensor | None  # (B,) for weighted_dpo
 
 
+_RESPONSE_FIELDS = {"sft": ("response",), "preference": ("chosen", "rejected"),
+                    "unpaired": ("completion",)}
+
+
+def tokenize_rows(tokenizer, rows: Iterable[Mapping], kind: str, data: DataConfig) -> list[dict]:
+    """Rows plus their token ids, so that the training step does no tokenization.
+
+    Adds ``prompt_ids`` and ``<field>_ids`` for each response field of the kind (``chosen`` /
+    ``rejected``, ``response`` or ``completion``), exactly `rayalign.data.encode`'s output.
+    TRL likewise tokenizes its dataset before training; the Ray driver does it once per job
+    instead of once per epoch on every worker.
+    """
+    lengths = (data.max_prompt_length, data.max_length)
+    out = []
+    for row in rows:
+        new = dict(row)
+        for field in _RESPONSE_FIELDS[kind]:
+            new["prompt_ids"], new[f"{field}_ids"] = encode(tokenizer, row["prompt"], row[field],
+                                                            *lengths)
+        out.append(new)
+    return out
+
+
 def build_micro_batch(
     tokenizer, rows: Sequence[Mapping], objective: str, data: DataConfig, precomputed_ref: bool
 ) -> MicroBatch:
-    """Tokenize and collate one micro-batch of row dicts (`to_rows` format)."""
+    """Collate one micro-batch of row dicts (`to_rows` format, optionally `tokenize_rows`).
+
+    Rows without token ids are tokenized here (`rayalign.data.encode`, the same ids).
+    """
     kind = OBJECTIVE_DATA_KIND[objective]
-    ex = [_EXAMPLE_TYPE[kind](**{f.name: row.get(f.name) for f in
-                                 dataclasses.fields(_EXAMPLE_TYPE[kind]) if f.name in row})
-          for row in rows]
     lengths = (data.max_prompt_length, data.max_length)
+
+    def ids(row: Mapping, field: str) -> tuple[list[int], list[int]]:
+        if "prompt_ids" in row:
+            return list(row["prompt_ids"]), list(row[f"{field}_ids"])
+        return encode(tokenizer, row["prompt"], row[field], *lengths)
+
     if kind == "sft":
-        seqs = collate([encode(tokenizer, e.prompt, e.response, *lengths) for e in ex],
-                       tokenizer.pad_token_id)
-        return MicroBatch(seqs, len(ex), None, None)
+        return MicroBatch(collate([ids(r, "response") for r in rows], tokenizer.pad_token_id),
+                          len(rows), None, None)
     if kind == "unpaired":
-        chosen = [e for e in ex if e.label]
-        rejected = [e for e in ex if not e.label]
-        ordered = chosen + rejected
-        seqs = collate([encode(tokenizer, e.prompt, e.completion, *lengths) for e in ordered],
-                       tokenizer.pad_token_id)
-        ref = [e.ref_logps for e in ordered] if precomputed_ref else None
-        return MicroBatch(seqs, len(chosen), _tensor(ref), None)
-    seqs = collate_pairs(tokenizer, [e.prompt for e in ex], [e.chosen for e in ex],
-                         [e.rejected for e in ex], *lengths)
-    ref = ([e.ref_chosen_logps for e in ex] + [e.ref_rejected_logps for e in ex]
+        ordered = [r for r in rows if r["label"]] + [r for r in rows if not r["label"]]
+        ref = [r["ref_logps"] for r in ordered] if precomputed_ref else None
+        return MicroBatch(collate([ids(r, "completion") for r in ordered], tokenizer.pad_token_id),
+                          sum(bool(r["label"]) for r in rows), _tensor(ref), None)
+    # chosen rows, then rejected rows: one forward (as rayalign.data.collate_pairs)
+    seqs = collate([ids(r, "chosen") for r in rows] + [ids(r, "rejected") for r in rows],
+                   tokenizer.pad_token_id)
+    ref = ([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows]
            if precomputed_ref else None)
-    weights = _tensor([e.weight for e in ex]) if objective == "weighted_dpo" else None
-    return MicroBatch(seqs, len(ex), _tensor(ref), weights)
+    weights = _tensor([r["weight"] for r in rows]) if objective == "weighted_dpo" else None
+    return MicroBatch(seqs, len(rows), _tensor(ref), weights)
 
 
 def _tensor(values: Sequence[float] | None) -> Tensor | None:

@@ -29,11 +29,13 @@ from rayalign.train import (
     NonFiniteLossError,
     Phase,
     Trainer,
+    build_micro_batch,
     deepspeed_config,
     lr_at,
     micro_batches,
     plan_data,
     to_rows,
+    tokenize_rows,
     total_steps,
 )
 
@@ -250,3 +252,18 @@ def test_resume_equals_uninterrupted_run(one_rank, tiny_gpt2, tmp_path):
     expected = params(full)
     for name, value in params(resumed).items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["sft", "weighted_dpo", "aot_unpaired"])
+def test_pretokenized_rows_give_the_same_micro_batch(tiny_gpt2, objective):
+    kind = {"sft": "sft", "aot_unpaired": "unpaired"}.get(objective, "preference")
+    data = DataConfig(path="toy.jsonl", kind=kind, max_prompt_length=4, max_length=9)  # truncates
+    tok = load_tokenizer(tiny_gpt2)
+    rows = to_rows(toy_examples(kind, 6))
+    raw = build_micro_batch(tok, rows, objective, data, False)
+    pre = build_micro_batch(tok, tokenize_rows(tok, rows, kind, data), objective, data, False)
+    for field in ("input_ids", "attention_mask", "response_mask"):
+        assert torch.equal(getattr(raw.sequences, field), getattr(pre.sequences, field))
+    assert raw.num_examples == pre.num_examples == (3 if kind == "unpaired" else 6)
+    if objective == "weighted_dpo":
+        assert torch.equal(raw.weights, pre.weights)
