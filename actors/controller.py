@@ -140,7 +140,11 @@ class LDAlignController:
         path = self.run.path(f"iter_{t:03d}", "samples.parquet")
         return self.stage(f"iter_{t:03d}/samples", lambda: (
             {"samples": path},
-            sample_stage(data, policy, path, self.cfg.sampling, self.cfg.pairs))).outputs["samples"]
+            sample_stage(data, policy, path, self._sampling(t), self.cfg.pairs))).outputs["samples"]
+
+    def _sampling(self, t: int):
+        """Iteration t samples with seed + t: fresh randomness per iteration, reproducible."""
+        return self.cfg.sampling.model_copy(update={"seed": self.cfg.sampling.seed + t})
 
     def _evaluate(self, name: str, data: DataConfig, policy: str, guide: str | None,
                   train_metrics: dict | None) -> dict:

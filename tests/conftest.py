@@ -28,7 +28,7 @@ def ray_cluster():
     """One local Ray for the whole session (Ray Data, Serve and Train tests share it)."""
     import ray
 
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
