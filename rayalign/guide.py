@@ -391,7 +391,8 @@ def train_guide_model(
         )
     params = [p for p in guide.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    encoded = [encode(guide.tokenizer, p, r, guide.spec.max_prompt_length, guide.spec.max_length)
+    tokenizer = _Pretokenized(guide.tokenizer, [text for pair in pairs for text in pair])
+    encoded = [encode(tokenizer, p, r, guide.spec.max_prompt_length, guide.spec.max_length)
                for p, r in pairs]
     per_rank = len(pairs) // world
     dropout_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
