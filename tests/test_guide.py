@@ -237,3 +237,14 @@ def test_train_guide_job_refuses_a_bad_config_before_starting_ray():
          "--set", "guide.latent_dim=0"], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "guide.latent_dim" in done.stderr and "greater than 0" in done.stderr
+
+
+def test_any_causal_lm_works_as_phi_and_psi(tiny_llama):
+    """A Llama backbone (RoPE, untied-head handling) trains and embeds like GPT-2."""
+    cfg = GuideConfig(epochs=1, batch_size=4)
+    g = GuideModel.create(cfg, tiny_llama, MAX_PROMPT, MAX_LEN)
+    history = train_guide_model(g, list(zip(PROMPTS * 3, RESPONSES * 3)), cfg)
+    assert len(history) == 1 and history[0]["steps"] == 3
+    together = g.embed(PROMPTS, RESPONSES)
+    assert torch.allclose(together[1], g.embed(PROMPTS[1:2], RESPONSES[1:2])[0], atol=1e-5)
+    assert g.distances(PROMPTS, RESPONSES, RESPONSES).eq(0).all()
