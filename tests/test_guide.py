@@ -240,7 +240,7 @@ def test_train_guide_job_refuses_a_bad_config_before_starting_ray():
 
 
 def test_any_causal_lm_works_as_phi_and_psi(tiny_llama):
-    """A Llama backbone (RoPE, untied-head handling) trains and embeds like GPT-2."""
+    """A Llama backbone (RoPE, another `base_model` attribute) trains and embeds like GPT-2."""
     cfg = GuideConfig(epochs=1, batch_size=4)
     g = GuideModel.create(cfg, tiny_llama, MAX_PROMPT, MAX_LEN)
     history = train_guide_model(g, list(zip(PROMPTS * 3, RESPONSES * 3)), cfg)
