@@ -42,6 +42,12 @@ epochs, so it always ends on an accumulation boundary. `PhaseState` (step, epoch
 within the epoch) is saved with the DeepSpeed checkpoint; resuming skips the consumed
 micro-batches of the current epoch, which is exact when a re-iteration of the rows yields
 the same order (plain lists do).
+
+Reductions: DPO / IPO losses are means over a rank's micro-batch, so the averaged gradient
+is that of the mean over the global micro-batch (equal per-rank sizes); AOT sorts over the
+global micro-batch; SFT's token mean is per rank (ranks with fewer response tokens weigh
+each token more, as in TRL and most trainers). The reference model, when the data has no
+reference columns, is the policy checkpoint the `Trainer` was built from, for every phase.
 """
 
 from __future__ import annotations
@@ -373,7 +379,14 @@ class PhaseResult:
 GradHook = Callable[["Trainer"], None]
 """Called once per optimizer step, after the last backward of the accumulation (gradients
 reduced and averaged over ranks) and before clipping and the optimizer step. Use
-`Trainer.local_params` and `Trainer.update_local_grads` inside it."""
+`Trainer.local_params` and `Trainer.update_local_grads` inside it, e.g. an L2 pull toward
+an anchor taken when the phase starts (the gradient of ``c/2 ||theta - anchor||^2``)::
+
+    anchor = {n: t.clone() for n, t in trainer.local_params().items()}
+    hook = lambda tr: tr.update_local_grads(
+        lambda name, theta, grad: grad.add_(theta - anchor[name].to(theta), alpha=c))
+    trainer.run_phase(phase, grad_hook=hook)
+"""
 
 StepCallback = Callable[[PhaseState, dict[str, float]], None]
 """Called on every rank after each optimizer step with the state and the step's metrics."""
