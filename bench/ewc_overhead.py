@@ -53,7 +53,7 @@ def _worker(rank: int, args, port: int, checkpoint: str, stage: int, out: str) -
     from rayalign.data import PreferenceExample
     from rayalign.ewc import Snapshot, importance
     from rayalign.hbat import ewc_hook, global_change, rank_shard, reference_logps
-    from rayalign.train import Phase, Trainer, plan_data, to_rows
+    from rayalign.train import Phase, Trainer, plan_data, to_rows, tokenize_rows
 
     cfg = TrainConfig(objective="dpo", zero_stage=stage, micro_batch_size=args.batch,
                       max_steps=args.steps, lr=1e-4, warmup_ratio=0.0, num_workers=args.workers)
@@ -61,8 +61,9 @@ def _worker(rank: int, args, port: int, checkpoint: str, stage: int, out: str) -
     trainer = Trainer(checkpoint, cfg)
     examples = [PreferenceExample(**r) for r in toytask.make_preference_rows(
         args.batch * args.workers * 8, seed=7)]
-    rows = reference_logps(trainer, to_rows(rank_shard(examples, rank, args.workers)), data,
-                           args.batch)
+    rows = tokenize_rows(trainer.tokenizer, to_rows(rank_shard(examples, rank, args.workers)),
+                         "preference", data)
+    rows = reference_logps(trainer, rows, args.batch)
     plan = dataclasses.replace(plan_data(examples, cfg, args.workers), precomputed_ref=True)
 
     t0 = time.perf_counter()

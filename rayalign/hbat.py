@@ -338,17 +338,17 @@ def rank_shard(rows: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(rows[rank * k:(rank + 1) * k])
 
 
-def reference_logps(trainer, rows: Sequence[Mapping], data, batch_size: int) -> list[dict]:
+def reference_logps(trainer, rows: Sequence[Mapping], batch_size: int) -> list[dict]:
     """``rows`` with reference log-prob columns from the trainer's *current* policy.
 
-    One no-grad pass in eval mode (every rank on its own rows; collective under ZeRO-3, so
-    all ranks must pass the same number of rows). Paired rows get ``ref_chosen_logps`` /
-    ``ref_rejected_logps``, unpaired rows ``ref_logps``.
+    ``rows`` are `rayalign.train.tokenize_rows` output. One no-grad pass in eval mode (every
+    rank on its own rows; collective under ZeRO-3, so all ranks must pass the same number of
+    rows). Paired rows get ``ref_chosen_logps`` / ``ref_rejected_logps``, unpaired rows
+    ``ref_logps``.
     """
-    from rayalign.data import collate, encode
+    from rayalign.data import collate
     from rayalign.logprobs import sequence_logprobs
 
-    lengths = (data.max_prompt_length, data.max_length)
     sides = ("chosen", "rejected") if "chosen" in rows[0] else ("completion",)
     out = [dict(r) for r in rows]
     trainer.module.eval()
@@ -356,8 +356,7 @@ def reference_logps(trainer, rows: Sequence[Mapping], data, batch_size: int) -> 
         with torch.no_grad():
             for start in range(0, len(out), batch_size):
                 chunk = out[start:start + batch_size]
-                seqs = [encode(trainer.tokenizer, r["prompt"], r[side], *lengths)
-                        for side in sides for r in chunk]
+                seqs = [(r["prompt_ids"], r[f"{side}_ids"]) for side in sides for r in chunk]
                 batch = collate(seqs, trainer.tokenizer.pad_token_id).to(trainer.device)
                 logps = sequence_logprobs(trainer.engine, batch)[0].float().cpu().tolist()
                 for s, side in enumerate(sides):
@@ -421,7 +420,7 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
     phase is the policy at its start (theta^IFA, the phase's anchor), its log-probs computed
     once when the phase starts, unless the preference file already has reference columns.
     """
-    from rayalign.train import Phase, plan_data, to_rows
+    from rayalign.train import Phase, plan_data, to_rows, tokenize_rows
 
     rank, world = dist.get_rank(), dist.get_world_size()
     run = RunDir(cfg.run_dir, fingerprint(cfg))
@@ -443,9 +442,10 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
         data_cfg = inputs.ifa if phase.kind == "ifa" else inputs.hpa
         examples = data.part(phase)
         plan = plan_data(examples, train, world)
-        rows = to_rows(rank_shard(examples, rank, world))
+        rows = tokenize_rows(trainer.tokenizer, to_rows(rank_shard(examples, rank, world)),
+                             data_cfg.kind, data_cfg)
         if phase.kind == "hpa" and not _has_reference(examples):
-            rows = reference_logps(trainer, rows, data_cfg, train.micro_batch_size)
+            rows = reference_logps(trainer, rows, train.micro_batch_size)
             plan = dataclasses.replace(plan, precomputed_ref=True)
         anchor = Snapshot.take(trainer.local_params(),
                                device="cpu" if cfg.ewc.offload_anchor else None)
