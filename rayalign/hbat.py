@@ -26,8 +26,16 @@ starts, so AdamW leaves them exactly where they were (weight decay 0 is required
 **ZeRO**: the hook works on `Trainer.local_params` / `Trainer.update_local_grads` pieces: a
 ZeRO-3 rank handles its own flat partition, a ZeRO 1/2 rank its fragments of the optimizer
 partition, so a step adds no communication; the anchor is a copy of the same pieces (on the
-CPU with ``offload_anchor``). C needs whole-tensor sums: under ZeRO 1/2/3 the per-rank sums
-are all-reduced once per phase and divided by the full numel.
+CPU with ``offload_anchor``; with parameters on a GPU every step then copies the rank's anchor
+pieces to the GPU, pinned and asynchronous: set ``offload_anchor: false`` when memory allows).
+C needs whole-tensor sums: under ZeRO 1/2/3 the per-rank sums are all-reduced once per phase
+and divided by the full numel.
+
+**Reference model of a preference phase**: the policy at the phase start (theta^IFA, also the
+phase's anchor), as the SFT model is for the sequential two-stage baseline; the paper leaves it
+open. Its log-probs are computed once when the phase starts (one no-grad pass over each rank's
+rows) and travel as the reference columns, so no second model is held. A D_HPA file that
+already has reference columns is used as it is.
 
 **Checkpoints and resume.** After every phase all ranks write a DeepSpeed checkpoint (weights,
 optimizer, each rank's partitions) and rank 0 then records the phase in the run directory's
