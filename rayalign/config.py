@@ -332,7 +332,11 @@ class HbatConfig(Section):
 
     With no `policy` / `ifa` / `hpa` this is the embedded tiny default: a tiny model, the toy
     sorting task as D_IFA (`tiny.train_rows` rows) and as D_HPA gold vs a near miss
-    (`toytask.make_preference_rows`, as many rows), generated under `run_dir`.
+    (`toytask.make_preference_rows`, as many rows), generated under `run_dir`, and held-out
+    sets of `tiny.eval_rows` rows each for `eval_ifa` / `eval_hpa` unless those are given.
+    After every phase the policy is scored on the held-out sets that exist (both objectives,
+    so the conflict between them shows): token NLL on `eval_ifa`, and on `eval_hpa` the share
+    of pairs whose chosen response the policy gives the higher log-probability.
     """
 
     policy: ModelConfig | None = Field(None, description="Starting checkpoint; None = tiny default.")
@@ -340,6 +344,10 @@ class HbatConfig(Section):
                                    "kind sft; None = toy task.")
     hpa: DataConfig | None = Field(None, description="D_HPA: preference data, kind preference "
                                    "(unpaired for aot_unpaired); None = toy task.")
+    eval_ifa: DataConfig | None = Field(None, description="Held-out SFT data (kind sft); None = "
+                                        "toy held-out set when ifa is None, else no IFA score.")
+    eval_hpa: DataConfig | None = Field(None, description="Held-out pairs (kind preference); "
+                                        "None = toy set when hpa is None, else no HPA score.")
     tiny: TinyDefaultConfig = TinyDefaultConfig()
     variant: HbatVariant = "hbat"
     num_splits: int = Field(2, ge=1, description="N of Algorithm 1 (default 2 when the variant "
@@ -381,6 +389,10 @@ class HbatConfig(Section):
         kind = "unpaired" if self.preference.objective == "aot_unpaired" else "preference"
         if self.hpa is None and kind == "unpaired":
             raise ValueError("the toy D_HPA is paired: give hpa (kind unpaired) for aot_unpaired")
+        if self.eval_ifa is not None and self.eval_ifa.kind != "sft":
+            raise ValueError(f"eval_ifa.kind must be 'sft', got {self.eval_ifa.kind!r}")
+        if self.eval_hpa is not None and self.eval_hpa.kind != "preference":
+            raise ValueError(f"eval_hpa.kind must be 'preference', got {self.eval_hpa.kind!r}")
         if self.hpa is not None and self.hpa.kind != kind:
             raise ValueError(f"hpa.kind must be {kind!r} for {self.preference.objective}, "
                              f"got {self.hpa.kind!r}")

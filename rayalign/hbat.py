@@ -301,10 +301,14 @@ def resolve_inputs(cfg: HbatConfig) -> HbatConfig:
     from rayalign.config import DataConfig, ModelConfig
 
     root = Path(cfg.run_dir) / "inputs"
+    toy_ifa = DataConfig(path=str(root / "eval_ifa.jsonl"), kind="sft")
+    toy_hpa = DataConfig(path=str(root / "eval_hpa.jsonl"), kind="preference")
     return cfg.model_copy(update={
         "policy": cfg.policy or ModelConfig(path=str(root / "base")),
         "ifa": cfg.ifa or DataConfig(path=str(root / "ifa.jsonl"), kind="sft"),
         "hpa": cfg.hpa or DataConfig(path=str(root / "hpa.jsonl"), kind="preference"),
+        "eval_ifa": cfg.eval_ifa or (toy_ifa if cfg.ifa is None else None),
+        "eval_hpa": cfg.eval_hpa or (toy_hpa if cfg.hpa is None else None),
     })
 
 
@@ -323,6 +327,12 @@ def prepare_inputs(cfg: HbatConfig) -> HbatConfig:
     if cfg.hpa is None and not Path(resolved.hpa.path).exists():
         toytask.write_jsonl(resolved.hpa.path,
                             toytask.make_preference_rows(tiny.train_rows, tiny.seed + 1))
+    if cfg.eval_ifa is None and cfg.ifa is None and not Path(resolved.eval_ifa.path).exists():
+        toytask.write_jsonl(resolved.eval_ifa.path,
+                            toytask.make_rows(tiny.eval_rows, tiny.seed + 2))
+    if cfg.eval_hpa is None and cfg.hpa is None and not Path(resolved.eval_hpa.path).exists():
+        toytask.write_jsonl(resolved.eval_hpa.path,
+                            toytask.make_preference_rows(tiny.eval_rows, tiny.seed + 3))
     return resolved
 
 
@@ -346,33 +356,71 @@ def rank_shard(rows: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(rows[rank * k:(rank + 1) * k])
 
 
-def reference_logps(trainer, rows: Sequence[Mapping], batch_size: int) -> list[dict]:
-    """``rows`` with reference log-prob columns from the trainer's *current* policy.
+def score(trainer, rows: Sequence[Mapping], sides: Sequence[str], batch_size: int
+          ) -> dict[str, tuple[list[float], list[int]]]:
+    """Summed response log-probs and response token counts of ``rows`` under the current policy.
 
-    ``rows`` are `rayalign.train.tokenize_rows` output. One no-grad pass in eval mode (every
-    rank on its own rows; collective under ZeRO-3, so all ranks must pass the same number of
-    rows). Paired rows get ``ref_chosen_logps`` / ``ref_rejected_logps``, unpaired rows
-    ``ref_logps``.
+    ``rows`` are `rayalign.train.tokenize_rows` output; ``sides`` the response fields to score
+    (``"chosen"``, ``"rejected"``, ``"response"``, ``"completion"``). One no-grad pass in eval
+    mode, every rank on its own rows: collective under ZeRO-3, so all ranks must pass the same
+    number of rows.
     """
     from rayalign.data import collate
     from rayalign.logprobs import sequence_logprobs
 
-    sides = ("chosen", "rejected") if "chosen" in rows[0] else ("completion",)
-    out = [dict(r) for r in rows]
+    out: dict[str, tuple[list[float], list[int]]] = {side: ([], []) for side in sides}
     trainer.module.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(out), batch_size):
-                chunk = out[start:start + batch_size]
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
                 seqs = [(r["prompt_ids"], r[f"{side}_ids"]) for side in sides for r in chunk]
                 batch = collate(seqs, trainer.tokenizer.pad_token_id).to(trainer.device)
-                logps = sequence_logprobs(trainer.engine, batch)[0].float().cpu().tolist()
+                logps, counts = sequence_logprobs(trainer.engine, batch)
+                logps, counts = logps.float().cpu().tolist(), counts.cpu().tolist()
                 for s, side in enumerate(sides):
-                    key = "ref_logps" if side == "completion" else f"ref_{side}_logps"
-                    for r, v in zip(chunk, logps[s * len(chunk):(s + 1) * len(chunk)]):
-                        r[key] = v
+                    out[side][0].extend(logps[s * len(chunk):(s + 1) * len(chunk)])
+                    out[side][1].extend(counts[s * len(chunk):(s + 1) * len(chunk)])
     finally:
         trainer.module.train()
+    return out
+
+
+def reference_logps(trainer, rows: Sequence[Mapping], batch_size: int) -> list[dict]:
+    """``rows`` (`rayalign.train.tokenize_rows` output) with reference log-prob columns from the
+    trainer's *current* policy (`score`): ``ref_chosen_logps`` / ``ref_rejected_logps`` for
+    pairs, ``ref_logps`` for unpaired rows."""
+    sides = ("chosen", "rejected") if "chosen" in rows[0] else ("completion",)
+    scores = score(trainer, rows, sides, batch_size)
+    out = [dict(r) for r in rows]
+    for side in sides:
+        key = "ref_logps" if side == "completion" else f"ref_{side}_logps"
+        for r, v in zip(out, scores[side][0]):
+            r[key] = v
+    return out
+
+
+def held_out_scores(trainer, ifa_rows: Sequence[Mapping] | None,
+                    hpa_rows: Sequence[Mapping] | None, batch_size: int) -> dict[str, float]:
+    """Both objectives on held-out rows (each rank its shard, totals all-reduced):
+    ``ifa_nll`` = -sum log p(response) / response tokens on SFT rows, ``hpa_accuracy`` = share
+    of pairs with log p(chosen) > log p(rejected)."""
+    totals = torch.zeros(4, dtype=torch.float64, device=trainer.device)
+    if ifa_rows:
+        logps, counts = score(trainer, ifa_rows, ("response",), batch_size)["response"]
+        totals[0], totals[1] = -sum(logps), sum(counts)
+    if hpa_rows:
+        pairs = score(trainer, hpa_rows, ("chosen", "rejected"), batch_size)
+        totals[2] = sum(c > r for c, r in zip(pairs["chosen"][0], pairs["rejected"][0]))
+        totals[3] = len(hpa_rows)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    nll, tokens, wins, n = totals.tolist()
+    out = {}
+    if ifa_rows:
+        out["ifa_nll"] = nll / tokens
+    if hpa_rows:
+        out["hpa_accuracy"] = wins / n
     return out
 
 
@@ -400,6 +448,8 @@ class HbatData:
 
     ifa: list[list]
     hpa: list[list]
+    eval_ifa: list | None  # held-out sets, whole
+    eval_hpa: list | None
 
     @classmethod
     def load(cls, cfg: HbatConfig, tokenizer) -> HbatData:
@@ -408,7 +458,10 @@ class HbatData:
         n, hpa = cfg.num_splits, load_dataset(cfg.hpa, tokenizer)
         if cfg.hpa.kind == "unpaired":
             hpa = interleave_labels(hpa)
-        return cls(split_parts(load_dataset(cfg.ifa, tokenizer), n), split_parts(hpa, n))
+        held_out = [None if c is None else load_dataset(c, tokenizer)
+                    for c in (cfg.eval_ifa, cfg.eval_hpa)]
+        return cls(split_parts(load_dataset(cfg.ifa, tokenizer), n), split_parts(hpa, n),
+                   *held_out)
 
     def part(self, phase: HbatPhase) -> list:
         return (self.ifa if phase.kind == "ifa" else self.hpa)[phase.round - 1]
@@ -442,6 +495,9 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
                      len(done), len(phases))
     inputs = resolve_inputs(cfg)
     data = HbatData.load(inputs, trainer.tokenizer)
+    held_out = [None if examples is None else tokenize_rows(
+        trainer.tokenizer, to_rows(rank_shard(examples, rank, world)), c.kind, c)
+        for examples, c in ((data.eval_ifa, inputs.eval_ifa), (data.eval_hpa, inputs.eval_hpa))]
     for phase in phases[len(done):]:
         started = time.perf_counter()
         if rank == 0:
@@ -467,13 +523,14 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
                                    grad_hook=penalty_hook(trainer, penalty, anchor, cfg.ewc.lam))
         change = global_change(trainer, anchor)
         ac.add(phase.kind, change)
+        evaluation = held_out_scores(trainer, *held_out, cfg.sft.micro_batch_size)
         checkpoint = run.path(phase.name, "checkpoint")
         trainer.save_state(checkpoint, result.state)
         dist.barrier()
         metrics = {
             "kind": phase.kind, "round": phase.round, "objective": train.objective,
             "steps": result.state.step, "change": change,
-            "penalty": None if penalty is None else penalty.to_log(),
+            "penalty": None if penalty is None else penalty.to_log(), "eval": evaluation,
             "first": result.history[0] if result.history else {},
             "last": result.history[-1] if result.history else {},
         }
@@ -505,12 +562,16 @@ def check_inputs(cfg: HbatConfig) -> None:
             plan_data(data.part(phase), train_config(cfg, phase), cfg.sft.num_workers)
         except ValueError as err:
             raise ValueError(f"{phase.name}: {err}") from None
+    for name, examples in (("eval_ifa", data.eval_ifa), ("eval_hpa", data.eval_hpa)):
+        if examples is not None and len(examples) < cfg.sft.num_workers:
+            raise ValueError(f"{name}: {len(examples)} rows for {cfg.sft.num_workers} workers")
 
 
 def summary_rows(run: RunDir, phases: Sequence[HbatPhase]) -> list[dict]:
-    """One row per recorded phase for the job's table: objective, steps, last loss, reward
-    accuracy, and the penalty actually used (mode, normalized entropy and max share of F,
-    its top tensor, how many tensors were frozen)."""
+    """One row per recorded phase for the job's table: objective, steps, last training loss and
+    reward accuracy, the held-out scores after the phase (`held_out_scores`), and the penalty
+    actually used (mode, normalized entropy and max share of F, its top tensor, how many
+    tensors were frozen)."""
     rows = []
     for phase in phases:
         if not run.done(phase.name):
@@ -520,6 +581,7 @@ def summary_rows(run: RunDir, phases: Sequence[HbatPhase]) -> list[dict]:
         rows.append({
             "phase": phase.name, "objective": m["objective"], "steps": m["steps"],
             "loss": m["last"].get("loss"), "accuracy": m["last"].get("accuracy"),
+            "eval_ifa_nll": m["eval"].get("ifa_nll"), "eval_hpa_acc": m["eval"].get("hpa_accuracy"),
             "penalty": penalty.get("mode", "none"),
             "F_norm_entropy": penalty.get("normalized_entropy"),
             "F_max_share": penalty.get("max_share"),

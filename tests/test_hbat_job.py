@@ -72,6 +72,9 @@ def test_tiny_hbat_job_end_to_end(ray_cluster, tmp_path, capsys):
         assert penalty["mode"] == "ewc" and 0 < penalty["normalized_entropy"] <= 1
         assert 0 < penalty["max_share"] < 1 and penalty["top"][0][1] == penalty["max_share"]
         assert f"| {phase} |" in out
+    for phase in phases:  # both objectives scored on the held-out toy sets after every phase
+        held_out = manifest[phase]["metrics"]["eval"]
+        assert held_out["ifa_nll"] > 0 and 0 <= held_out["hpa_accuracy"] <= 1
     policy = str(run_dir / "policy")
     assert not torch.allclose(_scores(policy), _scores(str(run_dir / "inputs" / "base")))
 
