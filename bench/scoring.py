@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a stray cluster
     bodies = make_requests(256, args.candidates)
     with tempfile.TemporaryDirectory() as tmp:
         guide = args.guide or bench_guide(Path(tmp), args.hidden_size, args.num_layers)

@@ -30,6 +30,7 @@ The token is read from the env var named by `auth_token_env` where the app is bu
 import asyncio
 import hmac
 import os
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -154,20 +155,28 @@ class ScoringService:
     def __init__(self, cfg: ScoringConfig, token: str | None):
         self.cfg = cfg
         self.guide = GuideModel.load(cfg.guide_path, resolve_device(cfg.device), decoder=False)
+        self._forward_lock = threading.Lock()
         self._embed_pooled.set_max_batch_size(cfg.max_batch_size)
         self._embed_pooled.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         api.state.guard = _Guard(token, cfg)
 
+    def _encode(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
+        """One forward at a time per replica (it owns its CPUs/GPU); batching decides how
+        many requests share each forward."""
+        with self._forward_lock:
+            return self.guide.embed([p for p, _ in pairs], [r for _, r in pairs],
+                                    self.cfg.max_batch_size)
+
     @serve.batch
     async def _embed_pooled(self, pairs: list[tuple[str, str]]) -> list[torch.Tensor]:
         """One encoder call for the pairs of all requests waiting now."""
-        return list(self.guide.embed([p for p, _ in pairs], [r for _, r in pairs],
-                                     self.cfg.max_batch_size))
+        return list(await asyncio.to_thread(self._encode, pairs))
 
     async def _embed(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
+        """phi for `pairs`; the forward runs in a worker thread so the replica's event loop
+        keeps taking requests (and, with batching, gathering the next batch) meanwhile."""
         if not self.cfg.batching:
-            return self.guide.embed([p for p, _ in pairs], [r for _, r in pairs],
-                                    self.cfg.max_batch_size)
+            return await asyncio.to_thread(self._encode, pairs)
         return torch.stack(await asyncio.gather(*(self._embed_pooled(p) for p in pairs)))
 
     def _meta(self) -> dict:
