@@ -135,11 +135,23 @@ def lr_at(step: int, total: int, train: TrainConfig) -> float:
     return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def clips_in_torch(train: TrainConfig, dtype: torch.dtype) -> bool:
+    """Whether the loop clips gradients itself (ZeRO-0 in float32) instead of DeepSpeed.
+
+    There the gradients are plain ``param.grad`` tensors and torch's multi-tensor
+    ``clip_grad_norm_`` is one fused pass, where DeepSpeed's clipping is a Python loop over
+    the tensors (~10% of a tiny model's step). Partitioned (ZeRO 1-3) or bf16 master
+    gradients live in DeepSpeed's buffers, so DeepSpeed clips those.
+    """
+    return train.zero_stage == 0 and dtype == torch.float32
+
+
 def deepspeed_config(train: TrainConfig, world_size: int, dtype: torch.dtype) -> dict:
     """The DeepSpeed config dict of a `TrainConfig` (AdamW; the learning rate is set per step).
 
     ``dtype`` is the training precision: bfloat16 turns on DeepSpeed's bf16 mode (fp32 master
     weights and optimizer state), float32 trains in full precision (the CPU default).
+    Clipping is DeepSpeed's unless `clips_in_torch`.
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"training precision must be float32 or bfloat16, got {dtype}")
@@ -147,7 +159,7 @@ def deepspeed_config(train: TrainConfig, world_size: int, dtype: torch.dtype) ->
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
-        "gradient_clipping": train.max_grad_norm,
+        "gradient_clipping": 0.0 if clips_in_torch(train, dtype) else train.max_grad_norm,
         "zero_optimization": {"stage": train.zero_stage},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "optimizer": {
@@ -421,6 +433,12 @@ class Trainer:
             config=deepspeed_config(train, self.world_size, self.dtype),
             dist_init_required=False,
         )
+        if self.world_size == 1 and train.zero_stage == 0:
+            # Nothing to average with one data-parallel rank: skip the flatten + all-reduce +
+            # copy-back of every gradient that DeepSpeed's ZeRO-0 backward does regardless.
+            self.engine.enable_backward_allreduce = False
+        self.clips_in_torch = clips_in_torch(train, self.dtype)
+        self._grad_norm: float | None = None
         self._reference: torch.nn.Module | None = None
 
     # -- the loop ------------------------------------------------------------------------
@@ -461,6 +479,9 @@ class Trainer:
                     continue
                 if grad_hook is not None:
                     grad_hook(self)
+                if self.clips_in_torch:
+                    self._grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                        self.module.parameters(), phase.train.max_grad_norm, foreach=True))
                 lr = lr_at(state.step, steps, phase.train)
                 for group in self.engine.optimizer.param_groups:
                     group["lr"] = lr
@@ -540,7 +561,7 @@ class Trainer:
                    "tokens_per_s": t["tokens"] / seconds, "skipped": t["skipped"]}
         metrics.update({k: t[k] / n for k in ("chosen_reward", "rejected_reward", "margin",
                                               "accuracy", "weight") if k in sums})
-        norm = self.engine.get_global_grad_norm()
+        norm = self._grad_norm if self.clips_in_torch else self.engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         return metrics

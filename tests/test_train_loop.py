@@ -113,6 +113,8 @@ def test_deepspeed_config_follows_train_config():
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
     assert ds["optimizer"]["params"]["lr"] == 2e-5
     assert ds["optimizer"]["params"]["weight_decay"] == 0.1
+    fp32_zero0 = deepspeed_config(cfg.model_copy(update={"zero_stage": 0}), 1, torch.float32)
+    assert fp32_zero0["gradient_clipping"] == 0.0  # the loop clips (clips_in_torch)
     with pytest.raises(ValueError, match="float16"):
         deepspeed_config(cfg, 1, torch.float16)
 

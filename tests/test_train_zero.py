@@ -48,11 +48,17 @@ TRAIN = dict(lr=1e-3, beta=0.5, warmup_ratio=0.0, max_steps=1, max_grad_norm=1.0
              weight_decay=0.01)
 
 
-def _pairs() -> list[dict]:
+def _pairs(objective: str) -> list[dict]:
+    """The global batch. AOT rows carry precomputed reference log-probs that differ per pair:
+    with the reference model itself every log-ratio is 0 at the first step, the sorts would
+    be arbitrary and AOT's gradient would equal DPO's."""
     rows = toytask.make_rows(PAIRS, seed=3)
+    aot = objective == "aot"
     return [{"prompt": r["prompt"], "chosen": r["completion"],
              "rejected": rows[(i + 1) % PAIRS]["completion"], "weight": 1.0,
-             "ref_chosen_logps": None, "ref_rejected_logps": None} for i, r in enumerate(rows)]
+             "ref_chosen_logps": -40.0 + 3.0 * ((5 * i) % PAIRS) if aot else None,
+             "ref_rejected_logps": -40.0 + 2.0 * ((3 * i) % PAIRS) if aot else None}
+            for i, r in enumerate(rows)]
 
 
 def _config(case) -> TrainConfig:
@@ -70,7 +76,6 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
 
     from rayalign.train import DataPlan, Phase, Trainer
 
-    rows = _pairs()[rank::WORLD]
     data = DataConfig(path="toy.jsonl", kind="preference", **LIMITS)
     for i, case in enumerate(CASES):
         cfg = _config(case)
@@ -85,7 +90,9 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
                 shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
                 grads[name] = safe_get_full_grad(p).detach().clone().reshape(shape)
 
-        phase = Phase("p", cfg, data, rows, DataPlan(len(rows) // cfg.micro_batch_size, False))
+        rows = _pairs(case[1])[rank::WORLD]
+        plan = DataPlan(len(rows) // cfg.micro_batch_size, case[1] == "aot")
+        phase = Phase("p", cfg, data, rows, plan)
         trainer.run_phase(phase, grad_hook=hook)
         named = list(trainer.module.named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in named]):
@@ -110,12 +117,15 @@ def _reference_grads(checkpoint: str, case) -> dict[str, torch.Tensor]:
     _, objective, _, _, hook = case
     cfg = _config(case)
     policy, ref = load_model(checkpoint, trainable=True), load_model(checkpoint)
-    tok, rows = load_tokenizer(checkpoint), _pairs()
+    tok, rows = load_tokenizer(checkpoint), _pairs(objective)
     batch = collate_pairs(tok, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
                           [r["rejected"] for r in rows], **LIMITS)
     logps, _ = sequence_logprobs(policy, batch)
     with torch.no_grad():
         ref_logps, _ = sequence_logprobs(ref, batch)
+    if objective == "aot":
+        ref_logps = torch.tensor([r["ref_chosen_logps"] for r in rows] +
+                                 [r["ref_rejected_logps"] for r in rows])
     args = (logps[:PAIRS], logps[PAIRS:], ref_logps[:PAIRS], ref_logps[PAIRS:])
     loss = (losses.dpo_loss(*args, beta=cfg.beta) if objective == "dpo"
             else losses.aot_loss(*args, beta=cfg.beta))
