@@ -261,9 +261,9 @@ class LDAlignConfig(Section):
     policy: ModelConfig | None = Field(None, description="Starting checkpoint; None = tiny default.")
     data: DataConfig | None = Field(None, description="SFT data D; None = toy task.")
     eval_data: DataConfig | None = Field(None, description="Held-out SFT-format data for evaluation.")
-    tiny: TinyDefaultConfig = TinyDefaultConfig()
+    tiny: TinyDefaultConfig = TinyDefaultConfig(eval_rows=200)  # 1 example = 0.5 EM points
     sft: TrainConfig | None = Field(
-        TrainConfig(objective="sft", lr=3e-3, max_steps=120, micro_batch_size=16, num_workers=1,
+        TrainConfig(objective="sft", lr=3e-3, max_steps=400, micro_batch_size=16, num_workers=1,
                     warmup_ratio=0.05),
         description="Continual SFT on D that makes theta_0; null = `policy` already is theta_0.",
     )
@@ -274,7 +274,7 @@ class LDAlignConfig(Section):
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=24, batch_size=64)
     eval_sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=24, batch_size=64)
     pairs: PairsConfig = PairsConfig(progress_bars=False)
-    train: TrainConfig = TrainConfig(objective="weighted_dpo", beta=0.1, lr=5e-4, epochs=1,
+    train: TrainConfig = TrainConfig(objective="weighted_dpo", beta=0.1, lr=3e-5, epochs=1,
                                      micro_batch_size=16, num_workers=1, warmup_ratio=0.0)
 
     @model_validator(mode="after")
