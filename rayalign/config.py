@@ -145,6 +145,9 @@ class TrainConfig(Section):
     max_nan_steps: int = Field(3, ge=0, description="Skipped non-finite steps before failing.")
     max_failures: int = Field(1, ge=0, description="Ray Train retries, resuming from checkpoint.")
     checkpoint_every: int | None = Field(None, gt=0, description="Optimizer steps; None = end only.")
+    disable_dropout: bool = Field(True, description="Set every nn.Dropout of the policy to p=0 "
+                                  "(TRL's default: dropout makes policy and reference log-probs "
+                                  "of the same text differ).")
     seed: int = 0
 
 

@@ -91,7 +91,8 @@ OBJECTIVE_DATA_KIND = {
 }
 _EXAMPLE_TYPE = {"sft": SFTExample, "preference": PreferenceExample, "unpaired": UnpairedExample}
 # Engine-level settings: fixed when the DeepSpeed engine is built, equal for all its phases.
-ENGINE_FIELDS = ("zero_stage", "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm")
+ENGINE_FIELDS = ("zero_stage", "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm",
+                 "disable_dropout")
 _DS_TAG = "deepspeed"
 
 
@@ -427,6 +428,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(policy)
         model = load_model(ModelConfig(path=self.policy_path, dtype="float32"), self.device,
                            trainable=True)
+        if train.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         torch.manual_seed(train.seed)
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(),

@@ -284,3 +284,23 @@ def test_zero3_export_gathers_the_full_weights(one_rank, tiny_gpt2, tmp_path):
     for name, value in exported[0].items():
         assert value.numel() > 0
         torch.testing.assert_close(exported[3][name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout(one_rank, tiny_gpt2, tmp_path, disable):
+    """A policy with dropout 0.5: two training-mode forwards agree only with dropout off."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "dropout"
+    shutil.copytree(tiny_gpt2, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    trainer = Trainer(ckpt, TrainConfig(disable_dropout=disable))
+    e = toy_examples("preference", 1)[0]
+    batch = collate_pairs(trainer.tokenizer, [e.prompt], [e.chosen], [e.rejected], **LIMITS)
+    with torch.no_grad():
+        first, _ = sequence_logprobs(trainer.engine, batch)
+        second, _ = sequence_logprobs(trainer.engine, batch)
+    assert torch.equal(first, second) == disable
