@@ -23,7 +23,7 @@ from rayalign.guide import (
 MAX_PROMPT, MAX_LEN = 32, 64
 PROMPTS = ["sort: 3 1 2 =>", "sort: 9 8 7 6 5 4 =>", "sort: 5 5 =>"]
 RESPONSES = [" 1 2 3", " 4 5 6 7 8 9", " 5 5"]
-GAP_MARGIN = 0.25  # nats per response token; the default recipe reaches ~1 on this data
+GAP_MARGIN = 0.25  # nats per response token; the default recipe reaches 0.93 on this data
 
 
 def perturb(rng: random.Random, gold: str) -> str:
@@ -174,15 +174,24 @@ def test_derangement_has_no_fixed_points():
         assert (perm != torch.arange(n)).all()
 
 
-def test_default_recipe_makes_the_latent_informative(tiny_gpt2, tmp_path):
-    """After the default GuideConfig on 240 sorting examples + one perturbed sample each,
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train fastest on one thread; two spin-wait when the CPUs are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_default_recipe_makes_the_latent_informative(tiny_gpt2, tmp_path, one_torch_thread):
+    """After the default GuideConfig on 160 sorting examples + one perturbed sample each,
     reconstructing with the true h beats reconstructing with another row's h by > GAP_MARGIN
-    nats per response token on held-out pairs; before training the gap is ~0."""
-    sft, samples = write_toy_data(tmp_path, 240)
+    nats per response token on held-out pairs (measured: 0.93); before training the gap is ~0."""
+    sft, samples = write_toy_data(tmp_path, 160)
     cfg = GuideConfig()
     pairs = guide_pairs(DataConfig(path=sft, max_prompt_length=MAX_PROMPT, max_length=MAX_LEN),
                         samples)
-    assert len(pairs) == 480
+    assert len(pairs) == 320
     train, held_out = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
     g = GuideModel.create(cfg, tiny_gpt2, MAX_PROMPT, MAX_LEN)
     before = informativeness(g, held_out)
