@@ -48,13 +48,12 @@ from pathlib import Path
 
 from rayalign import toytask
 from rayalign.cli import parse_job_config
-from rayalign.config import DataConfig, TrainConfig, TrainJobConfig
+from rayalign.config import JOB_FIELDS, DataConfig, TrainConfig, TrainJobConfig
 from rayalign.data import load_dataset
 from rayalign.io import read_json, write_json
 from rayalign.models import load_tokenizer
 from rayalign.tiny import build_tiny_checkpoint
 from rayalign.train import (
-    ENGINE_FIELDS,
     OBJECTIVE_DATA_KIND,
     DataPlan,
     Phase,
@@ -67,8 +66,6 @@ from rayalign.train import (
 
 _PROGRESS = "progress.json"
 _METRICS = "train_metrics.json"
-# Ray Train job settings, taken from the first phase: every phase must agree.
-_JOB_FIELDS = ENGINE_FIELDS + ("num_workers", "use_gpu", "cpus_per_worker", "max_failures")
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,7 @@ def run_phases(policy: str | Path, phases: Sequence[PhaseSpec], storage: str | P
         raise ValueError(f"phases must be non-empty with unique names, got {[p.name for p in phases]}")
     first = phases[0].train
     for spec in phases[1:]:
-        for key in _JOB_FIELDS:
+        for key in JOB_FIELDS:
             if getattr(spec.train, key) != getattr(first, key):
                 raise ValueError(f"phase {spec.name!r}: train.{key} must equal the first phase's "
                                  f"({getattr(spec.train, key)} vs {getattr(first, key)})")

@@ -151,6 +151,13 @@ class TrainConfig(Section):
     seed: int = 0
 
 
+# TrainConfig fields fixed when the DeepSpeed engine is built, so equal for all its phases,
+ENGINE_FIELDS = ("zero_stage", "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm",
+                 "disable_dropout", "seed")
+# and those plus the settings of the Ray Train job that hosts the engine.
+JOB_FIELDS = ENGINE_FIELDS + ("num_workers", "use_gpu", "cpus_per_worker", "max_failures")
+
+
 class EWCConfig(Section):
     """Hbat's modified EWC (DESIGN.md, Hbat): importance from accumulated parameter change."""
 
@@ -320,9 +327,6 @@ HBAT_VARIANTS: dict[str, tuple[str, bool]] = {
     "sequential": ("none", False),  # the two-stage baseline: SFT, then preference training
 }
 HBAT_PREFERENCE_OBJECTIVES = ("dpo", "weighted_dpo", "aot", "aot_unpaired")
-# TrainConfig fields that describe the one engine / Ray Train job every phase runs on
-HBAT_ENGINE_FIELDS = ("zero_stage", "num_workers", "use_gpu", "cpus_per_worker", "max_failures",
-                      "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed")
 
 
 class HbatConfig(Section):
@@ -332,7 +336,7 @@ class HbatConfig(Section):
     N parts), hbat_freeze (freeze the top `ewc.freeze_fraction` tensors instead), no_ewc,
     no_alternating (N = 1 with EWC) and sequential (N = 1, no EWC: SFT then preference).
     `ewc.mode` and `num_splits` default from it; contradicting it is an error. All phases run
-    on one engine, so the `HBAT_ENGINE_FIELDS` of `sft` and `preference` must agree.
+    on one engine, so the `JOB_FIELDS` of `sft` and `preference` must agree.
 
     With no `policy` / `ifa` / `hpa` this is the embedded tiny default: a tiny model, the toy
     sorting task as D_IFA (`tiny.train_rows` rows) and as D_HPA gold vs a near miss
@@ -400,7 +404,7 @@ class HbatConfig(Section):
         if self.hpa is not None and self.hpa.kind != kind:
             raise ValueError(f"hpa.kind must be {kind!r} for {self.preference.objective}, "
                              f"got {self.hpa.kind!r}")
-        differ = [f for f in HBAT_ENGINE_FIELDS
+        differ = [f for f in JOB_FIELDS
                   if getattr(self.sft, f) != getattr(self.preference, f)]
         if differ:
             raise ValueError(f"sft and preference run on one engine; these must be equal: {differ}")

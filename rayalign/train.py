@@ -66,7 +66,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rayalign import losses
-from rayalign.config import DataConfig, ModelConfig, TrainConfig
+from rayalign.config import ENGINE_FIELDS, DataConfig, ModelConfig, TrainConfig
 from rayalign.data import (
     Example,
     PreferenceExample,
@@ -90,9 +90,6 @@ OBJECTIVE_DATA_KIND = {
     "aot_unpaired": "unpaired",
 }
 _EXAMPLE_TYPE = {"sft": SFTExample, "preference": PreferenceExample, "unpaired": UnpairedExample}
-# Engine-level settings: fixed when the DeepSpeed engine is built, equal for all its phases.
-ENGINE_FIELDS = ("zero_stage", "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm",
-                 "disable_dropout")
 _DS_TAG = "deepspeed"
 
 
