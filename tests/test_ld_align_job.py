@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -78,9 +79,15 @@ def _job(env, *args: str, check=True) -> str:
 
 
 def _submit(env, run_dir: Path, wait: bool) -> str:
+    """Submit the small job; retry while the fresh head's job agent is still starting."""
     sets = [a for s in SMALL + [f"run_dir={run_dir}"] for a in ("--set", s)]
-    return _job(env, "submit", "--working-dir", ".", *([] if wait else ["--no-wait"]), "--",
-                "python", "jobs/ld_align.py", *sets)
+    args = ("submit", "--working-dir", ".", *([] if wait else ["--no-wait"]), "--",
+            "python", "jobs/ld_align.py", *sets)
+    deadline = time.time() + 300
+    while "No available agent" in (out := _job(env, *args, check=False)) and time.time() < deadline:
+        time.sleep(3)
+    assert "raysubmit_" in out and ("FAILED" not in out or not wait), out
+    return out
 
 
 def _manifest(run_dir: Path) -> dict:
@@ -94,7 +101,7 @@ def _manifest(run_dir: Path) -> dict:
 def test_submit_kill_during_iter1_training_and_resume(head, tmp_path):
     run_dir = tmp_path / "run"
     out = _submit(head, run_dir, wait=False)
-    job_id = next(w for w in out.split() if w.startswith("raysubmit_"))
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out).group(0)
     deadline = time.time() + 600
     while _manifest(run_dir).get("running") != "iter_001/train":
         assert time.time() < deadline, f"iter_001/train never started: {_manifest(run_dir)}"
