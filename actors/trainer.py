@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayalign import toytask
+from actors.runtime import init_ray
 from rayalign.cli import parse_job_config
 from rayalign.config import JOB_FIELDS, DataConfig, TrainConfig, TrainJobConfig
 from rayalign.data import load_dataset
@@ -242,16 +243,12 @@ def job_main(doc: str, objectives: Sequence[str], default_config: str | Path,
     does not train (exit 2, before Ray starts), starts or attaches to Ray, runs `train_job`
     and prints the final metrics and the export path.
     """
-    import ray
-
     cfg = parse_job_config(TrainJobConfig, doc.splitlines()[0], argv, str(default_config))
     if cfg.train.objective not in objectives:
         print(f"error: this job trains {', '.join(objectives)}; got train.objective="
               f"{cfg.train.objective!r}", file=sys.stderr)
         return 2
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    init_ray()
     metrics = train_job(cfg)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     print(f"policy: {Path(cfg.output_dir, 'policy').absolute()}")

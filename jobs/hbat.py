@@ -11,7 +11,6 @@ the cluster. Re-running with the same run_dir resumes after the last finished ph
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.hbat import run_hbat  # noqa: E402
+from actors.runtime import init_ray  # noqa: E402
 from rayalign.cli import parse_job_config  # noqa: E402
 from rayalign.config import HbatConfig  # noqa: E402
 from rayalign.hbat import summary_table  # noqa: E402
@@ -28,12 +28,8 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "hbat.yam
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
-
     cfg = parse_job_config(HbatConfig, __doc__.splitlines()[0], argv, DEFAULT_CONFIG)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    init_ray()
     start = time.time()
     print(f"Hbat: run_dir={Path(cfg.run_dir).absolute()} variant={cfg.variant} "
           f"N={cfg.num_splits} preference={cfg.preference.objective} "

@@ -10,8 +10,6 @@ the cluster. Re-running with the same run_dir resumes at the first unfinished st
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,34 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.controller import LDAlignController  # noqa: E402
+from actors.runtime import init_ray  # noqa: E402
 from rayalign.cli import parse_job_config  # noqa: E402
 from rayalign.config import LDAlignConfig  # noqa: E402
 from rayalign.report import summary_table  # noqa: E402
 
 
-def _quiet_console(*loggers: str) -> None:
-    """The controller prints one line per stage; Ray's per-dataset INFO lines stay in the
-    session's log files (Ray Data configures its loggers on import, hence the import)."""
-    import ray.data  # noqa: F401
-    import ray.train  # noqa: F401
-
-    for name in loggers:
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler):
-                handler.setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
-    import ray
-
     cfg = parse_job_config(LDAlignConfig, __doc__.splitlines()[0], argv)
-    _quiet_console("ray.data", "ray.train")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:  # a local Ray: Ray Data's read tasks need CPU slots beside the actor pools, so
-        # offer at least 4 logical CPUs even on a 2-core laptop (stages run one at a time).
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False)
+    init_ray()
     start = time.time()
     print(f"LD-Align: run_dir={Path(cfg.run_dir).absolute()} iterations={cfg.iterations} "
           f"weights={cfg.weights}", flush=True)

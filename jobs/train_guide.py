@@ -12,7 +12,6 @@ to the cluster, and `workers` decides how many Ray Train workers (and CPUs/GPUs 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,16 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.guide_trainer import METRICS_FILE, train_guide  # noqa: E402
+from actors.runtime import init_ray  # noqa: E402
 from rayalign.cli import parse_job_config  # noqa: E402
 from rayalign.config import GuideJobConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
-
     cfg = parse_job_config(GuideJobConfig, __doc__.splitlines()[0], argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(log_to_driver=False)
+    init_ray()
     out = train_guide(cfg.sft, cfg.samples, cfg.base_model, cfg.out_dir, cfg.guide, cfg.workers)
     info = json.loads((out / METRICS_FILE).read_text())["informativeness"]
     print(f"guide: {out}  informativeness gap {info['gap']:.3f} nats/token "

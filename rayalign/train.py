@@ -262,9 +262,9 @@ def tokenize_rows(tokenizer, rows: Iterable[Mapping], kind: str, data: DataConfi
     out = []
     for row in rows:
         new = dict(row)
-        for field in _RESPONSE_FIELDS[kind]:
-            new["prompt_ids"], new[f"{field}_ids"] = encode(tokenizer, row["prompt"], row[field],
-                                                            *lengths)
+        for side in _RESPONSE_FIELDS[kind]:
+            new["prompt_ids"], new[f"{side}_ids"] = encode(tokenizer, row["prompt"], row[side],
+                                                           *lengths)
         out.append(new)
     return out
 
