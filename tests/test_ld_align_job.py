@@ -50,10 +50,14 @@ def head():
            "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     dash = _free_port()
+    # Every listening port explicit: a fixed default (the agent's 52365) taken by another Ray
+    # on this machine leaves the head without a job agent ("No available agent").
+    ports = [f"--{name}={_free_port()}" for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")]
     proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=4",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--disable-usage-stats"],
+        [RAY, "start", "--head", "--block", *ports, "--num-cpus=4", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"
     try:
