@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from rayalign.config import ConfigError, load_config
+from .config import ConfigError, load_config
 
 Cfg = TypeVar("Cfg", bound=BaseModel)
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from rayalign.config import DataConfig
+from .config import DataConfig
 
 
 class DataError(ValueError):

@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rayalign.config import DataConfig, GuideConfig, ModelConfig
-from rayalign.data import DataError, SequenceBatch, collate, encode, load_dataset, read_rows
-from rayalign.io import atomic_dir, read_json, write_json
-from rayalign.logprobs import token_logprobs
-from rayalign.models import load_model, load_tokenizer, save_checkpoint
+from .config import DataConfig, GuideConfig, ModelConfig
+from .data import DataError, SequenceBatch, collate, encode, load_dataset, read_rows
+from .io import atomic_dir, read_json, write_json
+from .logprobs import token_logprobs
+from .models import load_model, load_tokenizer, save_checkpoint
 
 SPEC_FILE = "guide.json"
 PROJECTIONS_FILE = "projections.safetensors"

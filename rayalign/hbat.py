@@ -63,8 +63,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rayalign.config import HBAT_VARIANTS, EWCConfig, HbatConfig, TrainConfig
-from rayalign.ewc import (
+from .config import HBAT_VARIANTS, EWCConfig, HbatConfig, TrainConfig
+from .ewc import (
     AccumulatedChange,
     PhaseKind,
     Snapshot,
@@ -74,7 +74,7 @@ from rayalign.ewc import (
     importance,
     importance_stats,
 )
-from rayalign.rundir import RunDir, config_hash
+from .rundir import RunDir, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def global_change(trainer, anchor: Snapshot) -> dict[str, float]:
 def resolve_inputs(cfg: HbatConfig) -> HbatConfig:
     """``cfg`` with the embedded default's paths (under ``run_dir``) for a missing policy,
     D_IFA or D_HPA; writes nothing (`prepare_inputs` does)."""
-    from rayalign.config import DataConfig, ModelConfig
+    from .config import DataConfig, ModelConfig
 
     root = Path(cfg.run_dir) / "inputs"
     toy_ifa = DataConfig(path=str(root / "eval_ifa.jsonl"), kind="sft")
@@ -314,8 +314,8 @@ def resolve_inputs(cfg: HbatConfig) -> HbatConfig:
 
 def prepare_inputs(cfg: HbatConfig) -> HbatConfig:
     """`resolve_inputs`, generating the embedded default's missing files (idempotent)."""
-    from rayalign import toytask
-    from rayalign.tiny import build_tiny_checkpoint
+    from . import toytask
+    from .tiny import build_tiny_checkpoint
 
     resolved, tiny = resolve_inputs(cfg), cfg.tiny
     if cfg.policy is None and not Path(resolved.policy.path).exists():
@@ -365,8 +365,8 @@ def score(trainer, rows: Sequence[Mapping], sides: Sequence[str], batch_size: in
     mode, every rank on its own rows: collective under ZeRO-3, so all ranks must pass the same
     number of rows.
     """
-    from rayalign.data import collate
-    from rayalign.logprobs import sequence_logprobs
+    from .data import collate
+    from .logprobs import sequence_logprobs
 
     out: dict[str, tuple[list[float], list[int]]] = {side: ([], []) for side in sides}
     trainer.module.eval()
@@ -453,7 +453,7 @@ class HbatData:
 
     @classmethod
     def load(cls, cfg: HbatConfig, tokenizer) -> HbatData:
-        from rayalign.data import load_dataset
+        from .data import load_dataset
 
         n, hpa = cfg.num_splits, load_dataset(cfg.hpa, tokenizer)
         if cfg.hpa.kind == "unpaired":
@@ -481,7 +481,7 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
     phase is the policy at its start (theta^IFA, the phase's anchor), its log-probs computed
     once when the phase starts, unless the preference file already has reference columns.
     """
-    from rayalign.train import Phase, plan_data, to_rows, tokenize_rows
+    from .train import Phase, plan_data, to_rows, tokenize_rows
 
     rank, world = dist.get_rank(), dist.get_world_size()
     run = RunDir(cfg.run_dir, fingerprint(cfg))
@@ -552,8 +552,8 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
 def check_inputs(cfg: HbatConfig) -> None:
     """Load, split and plan every phase's data as the workers will: bad rows or parts too
     small for a micro-batch on every worker fail here, before any worker starts."""
-    from rayalign.models import load_tokenizer
-    from rayalign.train import plan_data
+    from .models import load_tokenizer
+    from .train import plan_data
 
     resolved = resolve_inputs(cfg)
     data = HbatData.load(resolved, load_tokenizer(resolved.policy.path))

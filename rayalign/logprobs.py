@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rayalign.data import SequenceBatch
+from .data import SequenceBatch
 
 DEFAULT_CHUNK_ROWS = 1024
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from rayalign.io import atomic_file
+from .io import atomic_file
 
 COLUMNS = (
     ("policy", "policy"),

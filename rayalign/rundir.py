@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rayalign.io import read_json, write_json
+from .io import read_json, write_json
 
 
 class ResumeMismatchError(RuntimeError):

@@ -38,8 +38,8 @@ from typing import Literal, Protocol
 
 import torch
 
-from rayalign.config import SamplingConfig
-from rayalign.models import load_model, load_tokenizer
+from .config import SamplingConfig
+from .models import load_model, load_tokenizer
 
 FinishReason = Literal["stop", "length"]
 

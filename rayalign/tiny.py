@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
-from rayalign.models import save_checkpoint
+from .models import save_checkpoint
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from rayalign.io import atomic_file
+from .io import atomic_file
 
 PROMPT_PREFIX = "sort:"
 

@@ -65,9 +65,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rayalign import losses
-from rayalign.config import ENGINE_FIELDS, DataConfig, ModelConfig, TrainConfig
-from rayalign.data import (
+from . import losses
+from .config import ENGINE_FIELDS, DataConfig, ModelConfig, TrainConfig
+from .data import (
     Example,
     PreferenceExample,
     SFTExample,
@@ -76,8 +76,8 @@ from rayalign.data import (
     collate,
     encode,
 )
-from rayalign.logprobs import sequence_logprobs
-from rayalign.models import load_model, load_tokenizer, resolve_dtype, save_checkpoint
+from .logprobs import sequence_logprobs
+from .models import load_model, load_tokenizer, resolve_dtype, save_checkpoint
 
 log = logging.getLogger(__name__)
 
