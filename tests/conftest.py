@@ -32,3 +32,36 @@ def ray_cluster():
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+TINY_BERT_WORDS = ("the cat sat on mat is a dog ran hello world ok no yes good bad answer "
+                   "question what time it").split()
+
+
+def _tiny_bert(out_dir, head: bool, seed: int) -> str:
+    """A 2-layer BERT with a WordPiece tokenizer over TINY_BERT_WORDS, built locally: an
+    encoder (`head=False`) or a one-output sequence classifier, the shape of a reward model."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    out_dir.mkdir(parents=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_BERT_WORDS]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, model_max_length=512)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=512,
+                        num_labels=1, initializer_range=0.3)  # spread-out outputs
+    torch.manual_seed(seed)
+    model = (BertForSequenceClassification if head else BertModel)(config).eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_encoder(tmp_path_factory) -> str:
+    return _tiny_bert(tmp_path_factory.mktemp("ckpt") / "bert", head=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory) -> str:
+    return _tiny_bert(tmp_path_factory.mktemp("ckpt") / "bert_rm", head=True, seed=1)

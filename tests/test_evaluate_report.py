@@ -27,3 +27,30 @@ def test_report_files(tmp_path):
     assert table in summary.read_text()
     for png in ("metrics.png", "distances.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gold_nll_by_hand(tiny_gpt2):
+    """-log p(gold + EOS | prompt) = -sum over response tokens of a full log_softmax of one
+    unpadded sequence at a time; batched and padded it must agree to float32 round-off."""
+    import torch
+
+    from rayalign.data import encode
+    from rayalign.evaluate import gold_nll, nll_per_token
+    from rayalign.models import load_model, load_tokenizer
+
+    model, tok = load_model(tiny_gpt2), load_tokenizer(tiny_gpt2)
+    prompts, golds = ["sort: 3 1 2 =>", "sort: 9 =>", "hello"], [" 1 2 3", " 9", " world ok"]
+    nll, tokens = gold_nll(model, tok, prompts, golds, 64, 128, batch_size=2)
+    want_nll, want_tokens = [], []
+    for p, g in zip(prompts, golds):
+        p_ids, r_ids = encode(tok, p, g, 64, 128)
+        ids = torch.tensor([p_ids + r_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        want_nll.append(-sum(logp[len(p_ids) - 1 + i, t].item() for i, t in enumerate(r_ids)))
+        want_tokens.append(len(r_ids))
+    assert tokens == want_tokens
+    assert nll == pytest.approx(want_nll, abs=1e-4)  # float32 logits summed over <= 8 tokens
+    assert nll_per_token(nll, tokens) == pytest.approx(sum(want_nll) / sum(want_tokens), abs=1e-4)
+    with pytest.raises(ValueError, match="no response tokens"):
+        nll_per_token([0.0], [0])
