@@ -87,11 +87,19 @@ def test_distances_are_l2_norms_of_embedding_differences_and_zero_for_identical(
     s = guide.distances(prompts, [RESPONSES[0]] * 3, candidates)
     assert s.dtype == torch.float64 and s.shape == (3,)
     assert s[0].item() == 0.0
+    # the reference embeds the same pairs in a differently composed batch (6 rows, not the 4
+    # distinct pairs distances() embeds), so float32 kernels may round differently: embedding
+    # components agree to ~1e-7 (test_batched_and_single_item_embeddings_agree allows 1e-5),
+    # hence |s - s'| <= ||e - e'|| ~ 1e-6 for these ~1-norm latents; abs 1e-5 leaves 10x margin
+    # and is still ~1e-3 of the distances here, so a wrong formula (squared, L1, unnormalized
+    # mean) fails. Seen on one AMD EPYC: 1.2e-7 (3e-6 relative on s = 0.0385).
     h = guide.embed(prompts + prompts, [RESPONSES[0]] * 3 + candidates).double().numpy()
     expected = ((h[:3] - h[3:]) ** 2).sum(-1) ** 0.5
-    assert s.numpy() == pytest.approx(expected, rel=1e-6)
-    assert (s[1:] > 0).all()
-    assert torch.allclose(guide.distances(prompts, candidates, [RESPONSES[0]] * 3), s)
+    assert s.numpy() == pytest.approx(expected, rel=0, abs=1e-5)
+    assert (s[1:] > 1e-3).all()
+    # symmetric up to the same float32 rounding (the distinct pairs are embedded in another order)
+    swapped = guide.distances(prompts, candidates, [RESPONSES[0]] * 3)
+    torch.testing.assert_close(swapped, s, rtol=0, atol=1e-5)
 
 
 def test_batched_and_single_item_embeddings_agree(guide):

@@ -99,7 +99,9 @@ def test_latent_weights_are_distances_over_the_whole_datasets_mean(uniform_run, 
     # the distances are the guide's, computed here on the driver in one call
     direct = GuideModel.load(guide, decoder=False).distances(
         [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], [p["rejected"] for p in pairs])
-    np.testing.assert_allclose(s, direct.numpy(), rtol=1e-4, atol=1e-6)
+    # float32 latents of differently composed batches (scorer batches of 3 vs one call): the
+    # distance moves by at most ||e - e'|| ~ 1e-6 (see test_guide's distance test), so abs 1e-5
+    np.testing.assert_allclose(s, direct.numpy(), rtol=0, atol=1e-5)
     # same pairs and reference log-probs as the uniform run: only weight and distance differ
     keep = ("prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps")
     assert [{k: p[k] for k in keep} for p in pairs] == \

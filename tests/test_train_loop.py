@@ -194,6 +194,11 @@ def test_precomputed_reference_columns_equal_reference_model(one_rank, tiny_gpt2
         trainer = Trainer(tiny_gpt2, phase.train)
         trainer.run_phase(phase)
         results.append(params(trainer))
+    # The two runs differ only in float32 rounding of the reference log-probs (one batch of 16
+    # vs micro-batches of 8 rows): a relative perturbation delta ~1e-6 of the loss weights.
+    # Adam's step lr * m / (sqrt(v) + eps) moves by at most ~lr * delta / 4 under a relative
+    # perturbation of the gradients, so 3 steps at lr 1e-3 differ by < 1e-8; atol 1e-6 is
+    # 0.1% of one step, while a wrong reference (e.g. chosen/rejected swapped) moves ~lr.
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=1e-6)
 
@@ -281,6 +286,10 @@ def test_zero3_export_gathers_the_full_weights(one_rank, tiny_gpt2, tmp_path):
         trainer.run_phase(phase)
         model = AutoModelForCausalLM.from_pretrained(trainer.export(tmp_path / f"z{stage}"))
         exported[stage] = dict(model.named_parameters())
+    # one rank: the same forward and gradients, so only the optimizer's elementwise AdamW over
+    # flat partitions vs per-tensor foreach rounds differently (~1 ulp of a step of 1e-3, i.e.
+    # ~1e-10); atol 1e-6 = 0.1% of a step, which an export of the wrong (placeholder or
+    # un-gathered) weights cannot meet.
     for name, value in exported[0].items():
         assert value.numel() > 0
         torch.testing.assert_close(exported[3][name], value, rtol=0, atol=1e-6)
