@@ -21,6 +21,7 @@ from rayalign.config import DataConfig, GuideConfig, ResourcesConfig
 from rayalign.guide import GuideModel, guide_pairs, informativeness, split_pairs, train_guide_model
 from rayalign.io import atomic_dir, write_json
 from rayalign.models import load_tokenizer
+from rayalign.train import process_group_backend
 
 METRICS_FILE = "metrics.json"
 
@@ -82,7 +83,7 @@ def train_guide(
             "eval_pairs": eval_pairs, "max_prompt_length": sft.max_prompt_length,
             "max_length": sft.max_length,
         },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=workers.num_actors, use_gpu=use_gpu,
             resources_per_worker={"CPU": workers.num_cpus, "GPU": workers.num_gpus},

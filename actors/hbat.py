@@ -26,6 +26,7 @@ from rayalign.hbat import (
     summary_rows,
 )
 from rayalign.rundir import RunDir
+from rayalign.train import process_group_backend
 
 
 def _worker(config: dict) -> None:
@@ -65,7 +66,7 @@ def run_hbat(cfg: HbatConfig) -> list[dict]:
                                          resources_per_worker={"CPU": train.cpus_per_worker}),
             run_config=RunConfig(name="hbat", storage_path=str(run.path(".ray_train")),
                                  failure_config=FailureConfig(max_failures=train.max_failures)),
-            torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+            torch_config=TorchConfig(backend=process_group_backend(train.use_gpu)),
         )
         result = trainer.fit()
         if result.error is not None:

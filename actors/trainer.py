@@ -61,6 +61,7 @@ from rayalign.train import (
     PhaseState,
     Trainer,
     plan_data,
+    process_group_backend,
     to_rows,
     tokenize_rows,
 )
@@ -148,7 +149,7 @@ def run_phases(policy: str | Path, phases: Sequence[PhaseSpec], storage: str | P
                              failure_config=FailureConfig(max_failures=first.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
-        torch_config=TorchConfig(backend="nccl" if first.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(first.use_gpu)),
     )
     result = trainer.fit()
     if result.error is not None:

@@ -133,6 +133,18 @@ def lr_at(step: int, total: int, train: TrainConfig) -> float:
     return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def process_group_backend(use_gpu: bool) -> str:
+    """The ``torch.distributed`` backend of the training process group.
+
+    NCCL serves CUDA tensors only; the GPU group also gets a gloo backend for CPU tensors
+    (torch dispatches each collective by the tensor's device), so a host-side collective in
+    DeepSpeed or in this loop cannot crash a multi-GPU run. The loop's own reductions use
+    tensors on the training device either way (`Trainer._all`), so a plain NCCL group set up
+    by torchrun works too.
+    """
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
 def clips_in_torch(train: TrainConfig, dtype: torch.dtype) -> bool:
     """Whether the loop clips gradients itself (ZeRO-0 in float32) instead of DeepSpeed.
 
@@ -142,6 +154,21 @@ def clips_in_torch(train: TrainConfig, dtype: torch.dtype) -> bool:
     gradients live in DeepSpeed's buffers, so DeepSpeed clips those.
     """
     return train.zero_stage == 0 and dtype == torch.float32
+
+
+def engine_zero_stage(train: TrainConfig, dtype: torch.dtype) -> int:
+    """The ZeRO stage DeepSpeed runs: ``train.zero_stage``, but at least 1 in bfloat16.
+
+    DeepSpeed's bf16 at ZeRO-0 is ``FP16_UnfusedOptimizer``: no fp32 master weights reachable
+    by ``safe_get_full_fp32_param`` (Hbat's anchor, C and penalty would see bf16-rounded
+    weights), optimizer state keyed by an fp32 copy (Hbat-Freeze's momentum reset finds
+    nothing) and gradients accumulated in bf16. ZeRO-1 with fp32 gradient accumulation is
+    DeepSpeed's ``BF16_Optimizer``: fp32 master weights, state and gradient buffers, linked
+    to each bf16 parameter through ``_hp_mapping``. With one rank it partitions nothing.
+    """
+    if dtype == torch.bfloat16 and train.zero_stage == 0:
+        return 1
+    return train.zero_stage
 
 
 def deepspeed_config(train: TrainConfig, world_size: int, dtype: torch.dtype) -> dict:
@@ -158,8 +185,10 @@ def deepspeed_config(train: TrainConfig, world_size: int, dtype: torch.dtype) ->
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
         "gradient_clipping": 0.0 if clips_in_torch(train, dtype) else train.max_grad_norm,
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": {"stage": engine_zero_stage(train, dtype)},
         "bf16": {"enabled": dtype == torch.bfloat16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}}
+           if engine_zero_stage(train, dtype) == 1 and dtype == torch.bfloat16 else {}),
         "optimizer": {
             "type": "AdamW",
             # torch.optim.AdamW, multi-tensor (foreach) on every device: one kernel per
@@ -435,7 +464,7 @@ class Trainer:
             config=deepspeed_config(train, self.world_size, self.dtype),
             dist_init_required=False,
         )
-        if self.world_size == 1 and train.zero_stage == 0:
+        if self.world_size == 1 and engine_zero_stage(train, self.dtype) == 0:
             # Nothing to average with one data-parallel rank: skip the flatten + all-reduce +
             # copy-back of every gradient that DeepSpeed's ZeRO-0 backward does regardless.
             self.engine.enable_backward_allreduce = False
@@ -553,7 +582,9 @@ class Trainer:
         """Per-step metrics: means over micro-batches and ranks, rates over all ranks."""
         keys = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "weight",
                 "micro_batches", "examples", "tokens", "skipped")
-        totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+        # on the training device: an NCCL-only group rejects CPU tensors
+        totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64,
+                              device=self.device)
         if self.world_size > 1:
             dist.all_reduce(totals)
         t = dict(zip(keys, totals.tolist()))
@@ -572,7 +603,7 @@ class Trainer:
         """True iff ``flag`` is true on every rank (one all-reduce when distributed)."""
         if self.world_size == 1:
             return flag
-        t = torch.tensor([0 if flag else 1], dtype=torch.int32)
+        t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=self.device)
         dist.all_reduce(t)
         return int(t) == 0
 
