@@ -38,7 +38,7 @@ from torch import nn
 from .config import DataConfig, GuideConfig, ModelConfig
 from .data import DataError, SequenceBatch, collate, encode, load_dataset, read_rows
 from .io import atomic_dir, read_json, write_json
-from .logprobs import token_logprobs
+from .logprobs import logprobs_at
 from .models import load_model, load_tokenizer, save_checkpoint
 
 SPEC_FILE = "guide.json"
@@ -207,17 +207,15 @@ class GuideModel(nn.Module):
             embeds = embeds.masked_fill(drop.unsqueeze(-1), 0.0)
         prefix = self.to_prefix(h.to(embeds.dtype)).view(bsz, k, -1)
         ones = batch.attention_mask.new_ones(bsz, k)
-        logits = self.decoder(
-            inputs_embeds=torch.cat([prefix, embeds], dim=1),
-            attention_mask=torch.cat([ones, batch.attention_mask], dim=1),
-        ).logits
         # Same shift as rayalign.logprobs.sequence_logprobs, with k unscored prefix positions.
         ids = torch.cat([batch.input_ids.new_zeros(bsz, k), batch.input_ids], dim=1)
         scored = torch.cat([batch.response_mask.new_zeros(bsz, k), batch.response_mask], dim=1)
-        mask = nn.functional.pad(scored[:, 1:], (0, 1), value=False)
-        labels = nn.functional.pad(ids[:, 1:], (0, 1)).masked_fill(~mask, 0)
-        logps = token_logprobs(logits, labels)
-        return (logps * mask).sum(-1), mask.sum(-1)
+        return logprobs_at(
+            self.decoder, nn.functional.pad(ids[:, 1:], (0, 1)),
+            nn.functional.pad(scored[:, 1:], (0, 1), value=False),
+            inputs_embeds=torch.cat([prefix, embeds], dim=1),
+            attention_mask=torch.cat([ones, batch.attention_mask], dim=1),
+        )
 
     def forward(self, batch: SequenceBatch, word_dropout: float = 0.0,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
