@@ -75,7 +75,7 @@ def sft_loss(policy_logps: Tensor, num_tokens: Tensor) -> Tensor:
         policy_logps: (B,) summed response log-probs under the policy.
         num_tokens: (B,) number of response tokens that each sum covers.
     """
-    _check_logps(policy_logps=policy_logps)
+    check_logps(policy_logps=policy_logps)
     if num_tokens.shape != policy_logps.shape:
         raise ValueError(
             f"num_tokens must have shape {tuple(policy_logps.shape)} like policy_logps, "
@@ -116,7 +116,7 @@ def dpo_terms(
     pc, pr, rc, rr = _check_paired(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    _check_beta(beta)
+    check_beta(beta)
     _check_label_smoothing(label_smoothing)
     chosen_logratios, rejected_logratios = pc - rc, pr - rr
     losses = _logistic(beta * (chosen_logratios - rejected_logratios), label_smoothing)
@@ -229,7 +229,7 @@ def aot_terms(
     pc, pr, rc, rr = check(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    _check_beta(beta)
+    check_beta(beta)
     _check_label_smoothing(label_smoothing)
     if loss not in AOT_LOSSES:
         raise ValueError(f"loss must be one of {sorted(AOT_LOSSES)}, got {loss!r}")
@@ -310,7 +310,7 @@ def ipo_terms(
     pc, pr, rc, rr = _check_paired(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    _check_beta(beta)
+    check_beta(beta)
     lc = _check_lengths(chosen_lengths, pc, "chosen_lengths")
     lr = _check_lengths(rejected_lengths, pc, "rejected_lengths")
     chosen_logratios, rejected_logratios = (pc - rc) / lc, (pr - rr) / lr
@@ -392,7 +392,7 @@ def _gather_global(
         return tuple(torch.cat(all_gather(t, group=group)) for t in tensors)
 
 
-def _check_logps(**named: Tensor) -> None:
+def check_logps(**named: Tensor) -> None:
     for name, t in named.items():
         if isinstance(t, Tensor) and t.dim() == 1 and t.is_floating_point():
             continue
@@ -404,7 +404,7 @@ def _check_paired(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tenso
     named = dict(
         policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr
     )
-    _check_logps(**named)
+    check_logps(**named)
     shapes = {name: tuple(t.shape) for name, t in named.items()}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"paired log-probs must all have the same shape (B,), got {shapes}")
@@ -414,7 +414,7 @@ def _check_paired(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tenso
 
 
 def _check_unpaired(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, ...]:
-    _check_logps(
+    check_logps(
         policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr
     )
     for side, pol, ref in (("chosen", pc, rc), ("rejected", pr, rr)):
@@ -428,7 +428,7 @@ def _check_unpaired(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Ten
     return pc, pr, rc, rr
 
 
-def _check_beta(beta: float) -> None:
+def check_beta(beta: float) -> None:
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
