@@ -131,9 +131,12 @@ class GuideModel(nn.Module):
         spec = GuideSpec(**read_json(path / SPEC_FILE))
         if decoder and not (path / "decoder").is_dir():
             raise FileNotFoundError(f"{path}: encoder-only guide has no decoder/")
+        # float32 on every device: the guide is trained in float32 (`_build_lm`), and scoring
+        # in bf16 on a GPU would give other distances (so other weights) than on the CPU
         guide = cls(
-            load_model(path / "encoder", device),
-            load_model(path / "decoder", device) if decoder else None,
+            load_model(ModelConfig(path=str(path / "encoder"), dtype="float32"), device),
+            load_model(ModelConfig(path=str(path / "decoder"), dtype="float32"), device)
+            if decoder else None,
             load_tokenizer(path / "encoder"), spec,
         )
         state = load_file(str(path / PROJECTIONS_FILE), device=str(torch.device(device)))

@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import dsparams
 from .config import HBAT_VARIANTS, EWCConfig, HbatConfig, TrainConfig
 from .ewc import (
     AccumulatedChange,
@@ -246,27 +247,12 @@ def zero_first_moment(trainer, names: Sequence[str]) -> None:
     tensor keeps its value even after earlier phases built up momentum. A tensor the
     optimizer has no state for yet (no step taken) has nothing to zero.
     """
-    from deepspeed.utils import safe_get_local_optimizer_state
-
-    # ZeRO 1/2 link each fragment to its optimizer state only after the engine's first step;
-    # an engine that has just loaded a checkpoint has the state but not the links yet.
-    link = getattr(trainer.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        link()
+    dsparams.link_optimizer_state(trainer.engine.optimizer)
     params = dict(trainer.module.named_parameters())
     for name in names:
-        p = params[name]
-        if hasattr(p, "ds_id"):  # ZeRO-3: this rank's flat partition of the state
-            state = safe_get_local_optimizer_state(p, "exp_avg")
-            if state is not None:
-                state.zero_()
-        elif hasattr(p, "_hp_mapping"):  # ZeRO 1/2 (and bf16): a view of this rank's fragment
-            if p._hp_mapping is not None and "exp_avg" in (p._hp_mapping.optim_fragment or {}):
-                p._hp_mapping.get_optim_state_fragment("exp_avg").zero_()
-        else:  # ZeRO-0 in fp32: the torch optimizer holds the state of the parameter itself
-            state = trainer.engine.optimizer.state.get(p, {})
-            if "exp_avg" in state:
-                state["exp_avg"].zero_()
+        state = dsparams.local_optimizer_state(trainer.engine.optimizer, params[name], "exp_avg")
+        if state is not None:
+            state.zero_()
 
 
 def global_change(trainer, anchor: Snapshot) -> dict[str, float]:
@@ -286,7 +272,7 @@ def global_change(trainer, anchor: Snapshot) -> dict[str, float]:
             sums[i] = local[name]
     if trainer.pieces_partitioned() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
-    numel = {n: int(getattr(params[n], "ds_numel", params[n].numel())) for n in names}
+    numel = {n: dsparams.full_numel(params[n]) for n in names}
     return change_from_sums(dict(zip(names, sums.tolist())), numel)
 
 

@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import losses
+from . import dsparams, losses
 from .config import ENGINE_FIELDS, DataConfig, ModelConfig, TrainConfig
 from .data import (
     Example,
@@ -626,39 +626,27 @@ class Trainer:
         ZeRO-0: the full tensor (shape of the parameter). ZeRO 1/2: the rank's flat 1-D
         fragment of the parameter inside its optimizer partition; a parameter wholly in other
         ranks' partitions is absent. ZeRO-3: the rank's flat 1-D partition (the full numel is
-        ``param.ds_numel``). Summing a per-piece quantity over ranks covers each tensor once
+        `rayalign.dsparams.full_numel`). Summing a per-piece quantity over ranks covers each tensor once
         under ZeRO 1/2/3 (`pieces_partitioned`).
         """
         with torch.no_grad():
             return {name: piece.detach() for name, p in self._trainable()
-                    if (piece := _local_param(p)) is not None}
+                    if (piece := dsparams.local_param(p)) is not None}
 
     def pieces_partitioned(self) -> bool:
         """True when `local_params` pieces are partitions (ZeRO 1/2/3), False when full (ZeRO-0)."""
-        return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, p in self._trainable())
+        return any(dsparams.partitioned(p) for _, p in self._trainable())
 
     def update_local_grads(self, fn: Callable[[str, Tensor, Tensor], Tensor]) -> None:
         """``grad_piece <- fn(name, param_piece, grad_piece)`` for every trainable parameter.
 
         Pieces are those of `local_params`; the gradient is the reduced, averaged, unclipped
-        one in the accumulation dtype (DeepSpeed's ``safe_get/set_local_grad`` under ZeRO-3;
-        under ZeRO 1/2 the rank's fragment of the averaged gradient, which is what
-        ``safe_set_full_grad`` writes, without its all-reduce; ``safe_get/set_full_grad`` under
-        ZeRO-0). No communication. ``fn`` may modify the gradient in place and return it.
+        one in the accumulation dtype (`rayalign.dsparams.update_local_grad`). No
+        communication. ``fn`` may modify the gradient in place and return it.
         """
-        from deepspeed.utils import (safe_get_full_grad, safe_get_local_grad,
-                                     safe_set_full_grad, safe_set_local_grad)
-
         with torch.no_grad():
             for name, p in self._trainable():
-                if hasattr(p, "ds_id"):
-                    safe_set_local_grad(p, fn(name, _local_param(p), safe_get_local_grad(p)))
-                elif hasattr(p, "_hp_mapping"):
-                    if p._hp_mapping is not None:
-                        grad = _local_grad_fragment(p)
-                        grad.copy_(fn(name, _local_param(p), grad))
-                else:
-                    safe_set_full_grad(p, fn(name, _local_param(p), safe_get_full_grad(p)))
+                dsparams.update_local_grad(p, lambda theta, g, name=name: fn(name, theta, g))
 
     def _trainable(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
@@ -694,31 +682,6 @@ class Trainer:
                 out = save_checkpoint(self.module, self.tokenizer, out_dir)
         dist.barrier()
         return out if self.rank == 0 else None
-
-
-def _local_param(p: torch.nn.Parameter) -> Tensor:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
-
-    if hasattr(p, "ds_id"):
-        return safe_get_local_fp32_param(p)
-    if hasattr(p, "_hp_mapping"):  # ZeRO 1/2, bf16: this rank's fragment (None: not here)
-        return None if p._hp_mapping is None else p._hp_mapping.get_hp_fragment()
-    full = safe_get_full_fp32_param(p)
-    return p.detach() if full is None else full
-
-
-def _local_grad_fragment(p: torch.nn.Parameter) -> Tensor:
-    """The averaged gradient of ``p``'s fragment in this rank's ZeRO 1/2 partition (a view).
-
-    As DeepSpeed's own ``get_full_hp_grad``: the bf16 optimizer keeps a buffer of the whole
-    parameter, of which this rank owns ``lp_fragment_address``.
-    """
-    mapping = p._hp_mapping
-    grad = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1)
-    address = mapping.lp_fragment_address
-    if grad.numel() != address.numel:
-        grad = grad.narrow(0, address.start, address.numel)
-    return grad
 
 
 def _add(sums: dict[str, float], **values: float) -> None:
