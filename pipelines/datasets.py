@@ -38,7 +38,8 @@ def actor_pool(resources: ResourcesConfig) -> dict:
     from ray.data import ActorPoolStrategy
 
     return {"compute": ActorPoolStrategy(size=resources.num_actors),
-            "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+            "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus,
+            **({"resources": dict(resources.resources)} if resources.resources else {})}
 
 
 def _write(ds, sink, schema: pa.Schema) -> int:

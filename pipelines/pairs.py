@@ -14,8 +14,9 @@ Two stages, so the controller can checkpoint each output and resume at the first
    ``distance`` from an actor pool of `GuideScorer`s (actors/scorer.py); the reference
    log-probs of both sides under the *sampling* policy (the reference model of this
    iteration, DESIGN.md) from an actor pool of `ReferenceLogps` (pipelines/refs.py). The
-   scored dataset is materialized (Ray's object store, spilling to disk when large; only
-   with a guide: uniform weights stream straight through), the
+   scored dataset is materialized before the reference pool starts (Ray's object store,
+   spilling to disk when large; only with a guide: uniform weights stream straight through),
+   so the two GPU pools never need a GPU each at the same time; the
    distance column alone (8 bytes a row) comes to the driver for the dataset-wide mean and its
    checks (`rayalign.weights.distance_mean`), and each batch is then weighted with that one
    mean (`ld_align_weights`), so the weights have mean 1 over the whole file.
@@ -96,24 +97,24 @@ def pairs_stage(samples_path: str | Path, policy_path: str, guide_path: str | No
 
     start = time.time()
     ds = configure(ray.data.read_parquet(str(samples_path)), cfg.progress_bars)
-    if guide_path is not None:
-        from actors.scorer import GuideScorer
-
-        ds = ds.map_batches(
-            GuideScorer, batch_size=cfg.scorer_batch_size, **actor_pool(cfg.scorer),
-            fn_constructor_kwargs={"guide_path": guide_path, "batch_size": cfg.scorer_batch_size},
-        )
-    ds = ds.map_batches(_as_pairs, batch_format="pyarrow", batch_size=None)
-    ds = add_ref_logps(ds, policy_path, data, cfg.refs, cfg.refs_batch_size)
     stats: dict = {}
     mean = None
     if guide_path is not None:
-        ds = ds.materialize()
+        from actors.scorer import GuideScorer
+
+        # Materialized before the reference pool starts: one streaming pass holding both GPU
+        # pools needs a GPU for each, and on a 1-GPU node the second pool never starts.
+        ds = ds.map_batches(
+            GuideScorer, batch_size=cfg.scorer_batch_size, **actor_pool(cfg.scorer),
+            fn_constructor_kwargs={"guide_path": guide_path, "batch_size": cfg.scorer_batch_size},
+        ).materialize()
         distances = np.concatenate([b["distance"] for b in ds.select_columns(["distance"])
                                     .iter_batches(batch_format="numpy", batch_size=None)])
         mean = distance_mean(distances)
         stats.update(distance_mean=mean, distance_min=float(distances.min()),
                      distance_max=float(distances.max()))
+    ds = ds.map_batches(_as_pairs, batch_format="pyarrow", batch_size=None)
+    ds = add_ref_logps(ds, policy_path, data, cfg.refs, cfg.refs_batch_size)
     ds = ds.map_batches(_weigh, fn_kwargs={"mean": mean}, batch_format="pyarrow", batch_size=None)
     stats["pairs"] = write_single_parquet(ds, out_path, PAIRS_SCHEMA)
     stats["seconds"] = round(time.time() - start, 3)

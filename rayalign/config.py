@@ -82,6 +82,10 @@ class ResourcesConfig(Section):
     num_actors: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per actor, e.g. {node_b: 1} to "
+        "place the pool on the nodes started with that resource (ray start --resources).",
+    )
 
 
 class PairsConfig(Section):

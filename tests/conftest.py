@@ -28,7 +28,9 @@ def ray_cluster():
     """One local Ray for the whole session (Ray Data, Serve and Train tests share it)."""
     import ray
 
-    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False,
+    # accel: one unit of a custom resource standing in for a node's single GPU
+    ray.init(address="local", num_cpus=6, resources={"accel": 1}, include_dashboard=False,
+             log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

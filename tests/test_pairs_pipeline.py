@@ -153,3 +153,39 @@ def test_ref_logps_stage_for_unpaired_data(ray_cluster, tiny_gpt2, tmp_path):
     model, tok = load_model(tiny_gpt2), load_tokenizer(tiny_gpt2)
     direct = [_direct_logps(model, tok, r["prompt"], r["completion"]) for r in rows]
     np.testing.assert_allclose([r["ref_logps"] for r in out], direct, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_guide_and_reference_pools_share_one_gpu(ray_cluster, tiny_gpt2, tmp_path):
+    """The scorer and reference pools each ask for the session's single ``accel`` unit (a
+    custom resource standing in for a 1-GPU node), over 4 input files (4 read blocks). The
+    scored rows are materialized before the reference pool starts, so the pools run one after
+    the other by construction. (On Ray 2.60 the one-pass version did not hang here either:
+    Ray Data released the finished scorer pool first; the materialization does not rely on
+    that.) A watchdog turns a hang into a failure."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 32
+    rows = toytask.make_rows(n, seed=9)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    table = pa.table({"row": list(range(n)), "prompt": [r["prompt"] for r in rows],
+                      "gold": [r["completion"] for r in rows],
+                      "sample": [rows[(i + 1) % n]["completion"] for i in range(n)]})
+    for k in range(0, n, 8):
+        pq.write_table(table.slice(k, 8), samples / f"{k:03d}.parquet")
+    guide = GuideModel.create(GuideConfig(latent_dim=8), tiny_gpt2, **DATA).save(tmp_path / "g")
+    one_gpu = ResourcesConfig(num_cpus=0.5, resources={"accel": 1.0})
+    pipe = PIPE.model_copy(update={"scorer": one_gpu, "refs": one_gpu})
+    done: dict = {}
+    worker = threading.Thread(daemon=True, target=lambda: done.update(pairs_stage(
+        samples, tiny_gpt2, str(guide), tmp_path / "pairs.parquet",
+        DataConfig(path="unused.jsonl", **DATA), pipe)))
+    worker.start()
+    worker.join(timeout=300)
+    assert not worker.is_alive(), "pairs_stage stalled: the second 1-accel pool never started"
+    assert done["pairs"] == n
+    assert all(p["ref_chosen_logps"] < 0 for p in _rows(tmp_path / "pairs.parquet"))
