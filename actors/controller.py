@@ -33,7 +33,7 @@ from rayalign import toytask
 from rayalign.config import DataConfig, LDAlignConfig, TrainConfig
 from rayalign.io import read_json
 from rayalign.report import write_report
-from rayalign.rundir import RunDir, StageRecord, config_hash
+from rayalign.rundir import RunDir, StageRecord
 from rayalign.tiny import build_tiny_checkpoint
 
 Log = Callable[[str], None]
@@ -42,8 +42,7 @@ Log = Callable[[str], None]
 class LDAlignController:
     def __init__(self, cfg: LDAlignConfig, log: Log = print):
         self.cfg, self.log = cfg, log
-        fingerprint = config_hash(cfg.model_dump(exclude={"run_dir", "iterations"}))
-        self.run = RunDir(cfg.run_dir, fingerprint)
+        self.run = RunDir(cfg.run_dir, cfg.model_dump(mode="json", exclude={"run_dir", "iterations"}))
 
     def stage(self, name: str, body: Callable[[], tuple[dict, dict]]) -> StageRecord:
         """Run `body` unless the manifest says `name` is done; `body` returns (outputs, metrics)."""

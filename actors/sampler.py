@@ -20,6 +20,7 @@ its `generate` through a handle.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import defaultdict
 
 import numpy as np
@@ -60,8 +61,15 @@ class SamplerReplica:
     def __init__(self, model_path: str, sampling: SamplingConfig, max_prompt_length: int | None,
                  batch_wait_timeout_s: float, device: str = "auto"):
         self.engine = make_engine(model_path, sampling, max_prompt_length, device)
+        self._engine_lock = threading.Lock()
         self._sample.set_max_batch_size(sampling.batch_size)
         self._sample.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _generate(self, prompts: list[str], seeds: list[int],
+                  params: SamplingConfig) -> list[list[Completion]]:
+        """One engine call at a time per replica (it owns its CPUs / GPU)."""
+        with self._engine_lock:
+            return self.engine.generate(prompts, seeds, params)
 
     @serve.batch
     async def _sample(self, units: list[tuple[str, int, SamplingConfig]]) -> list[list[Completion]]:
@@ -70,8 +78,9 @@ class SamplerReplica:
             groups[params].append(i)
         results: list[list[Completion]] = [[] for _ in units]
         for params, index in groups.items():
-            out = self.engine.generate([units[i][0] for i in index], [units[i][1] for i in index],
-                                       params)
+            # in a worker thread: the replica's event loop keeps taking (and pooling) requests
+            out = await asyncio.to_thread(self._generate, [units[i][0] for i in index],
+                                          [units[i][1] for i in index], params)
             for i, completions in zip(index, out):
                 results[i] = completions
         return results
@@ -84,9 +93,11 @@ class SamplerReplica:
 
 
 def sampler_deployment(model_path: str, sampling: SamplingConfig, replicas: ResourcesConfig,
-                       max_prompt_length: int | None, batch_wait_timeout_s: float):
-    """`SamplerReplica` as a bound Serve deployment with the configured replicas and resources."""
+                       max_prompt_length: int | None, batch_wait_timeout_s: float,
+                       limits: dict | None = None):
+    """`SamplerReplica` as a bound Serve deployment with the configured replicas, resources
+    and request limits (``limits``: Serve's max_ongoing_requests / max_queued_requests)."""
     return serve.deployment(
-        SamplerReplica, num_replicas=replicas.num_actors,
+        SamplerReplica, num_replicas=replicas.num_actors, **(limits or {}),
         ray_actor_options={"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus},
     ).bind(model_path, sampling, max_prompt_length, batch_wait_timeout_s)

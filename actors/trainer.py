@@ -48,7 +48,6 @@ from pathlib import Path
 
 from rayalign import toytask
 from actors.runtime import init_ray
-from rayalign.cli import parse_job_config
 from rayalign.config import JOB_FIELDS, DataConfig, TrainConfig, TrainJobConfig
 from rayalign.data import load_dataset
 from rayalign.io import read_json, write_json
@@ -236,15 +235,12 @@ def _report(trainer: Trainer, index: int, state: PhaseState, metrics: dict) -> N
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def job_main(doc: str, objectives: Sequence[str], default_config: str | Path,
-             argv: list[str] | None = None) -> int:
-    """The command line of jobs/sft.py, jobs/dpo.py and jobs/aot.py (``doc``: the job's docstring).
-
-    Parses ``--config`` / ``--set`` into a `TrainJobConfig`, rejects an objective the job
-    does not train (exit 2, before Ray starts), starts or attaches to Ray, runs `train_job`
-    and prints the final metrics and the export path.
+def job_main(cfg: TrainJobConfig, objectives: Sequence[str]) -> int:
+    """The body of jobs/sft.py, jobs/dpo.py and jobs/aot.py after they parsed and checked
+    ``cfg`` (`rayalign.cli.parse_job_config`): rejects an objective the job does not train
+    (exit 2, before Ray starts), starts or attaches to Ray, runs `train_job` and prints the
+    final metrics and the export path.
     """
-    cfg = parse_job_config(TrainJobConfig, doc.splitlines()[0], argv, str(default_config))
     if cfg.train.objective not in objectives:
         print(f"error: this job trains {', '.join(objectives)}; got train.objective="
               f"{cfg.train.objective!r}", file=sys.stderr)

@@ -31,7 +31,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rayalign import toytask  # noqa: E402
-from rayalign.config import GuideConfig, ResourcesConfig, ScoringConfig  # noqa: E402
+from rayalign.config import GuideConfig, HTTPServiceConfig, ResourcesConfig, ScoringConfig  # noqa: E402
 from rayalign.guide import GuideModel  # noqa: E402
 from rayalign.io import atomic_file  # noqa: E402
 from rayalign.tiny import build_tiny_checkpoint  # noqa: E402
@@ -105,8 +105,9 @@ def run_mode(guide_path: str, batching: bool, args, bodies: list[dict]) -> dict[
     cfg = ScoringConfig(
         guide_path=guide_path, app_name="scoring-bench", route_prefix="/scoring-bench",
         batching=batching, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s, max_ongoing_requests=args.clients * 2,
-        auth_token_env=None, replicas=ResourcesConfig(num_cpus=1),
+        batch_wait_timeout_s=args.batch_wait_timeout_s, replicas=ResourcesConfig(num_cpus=1),
+        http=HTTPServiceConfig(max_ongoing_requests=args.clients * 2,
+                               max_queued_requests=args.clients * 2),
     )
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     base = f"http://127.0.0.1:8000{cfg.route_prefix}"

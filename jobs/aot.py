@@ -19,13 +19,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.trainer import job_main  # noqa: E402
+from rayalign.cli import parse_job_config  # noqa: E402
+from rayalign.config import TrainJobConfig  # noqa: E402
 
 OBJECTIVES = ("aot", "aot_unpaired")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main(__doc__, OBJECTIVES, ROOT / "configs" / "aot.yaml", argv)
+    cfg = parse_job_config(TrainJobConfig, __doc__.splitlines()[0], argv,
+                           str(ROOT / "configs" / "aot.yaml"))  # inputs checked: before Ray
+    from actors.trainer import job_main  # torch, DeepSpeed, Ray: after the input checks
+
+    return job_main(cfg, OBJECTIVES)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,22 @@ from pathlib import Path
 # The submitted working directory's code, not an older installed copy, is what runs.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.hbat import run_hbat  # noqa: E402
-from actors.runtime import init_ray  # noqa: E402
-from rayalign.cli import parse_job_config  # noqa: E402
+from rayalign.cli import exit_on_input_error, parse_job_config  # noqa: E402
 from rayalign.config import HbatConfig  # noqa: E402
-from rayalign.hbat import summary_table  # noqa: E402
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "hbat.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_job_config(HbatConfig, __doc__.splitlines()[0], argv, DEFAULT_CONFIG)
+    # torch, transformers and Ray only now, after the input checks (a second, not ten)
+    from actors.hbat import run_hbat
+    from actors.runtime import init_ray
+    from rayalign.hbat import fingerprint, summary_table
+    from rayalign.rundir import check_resumable
+
+    with exit_on_input_error():  # a run_dir made by another config: named before Ray starts
+        check_resumable(cfg.run_dir, fingerprint(cfg))
     init_ray()
     start = time.time()
     print(f"Hbat: run_dir={Path(cfg.run_dir).absolute()} variant={cfg.variant} "

@@ -17,20 +17,23 @@ from pathlib import Path
 # The submitted working directory's code, not an older installed copy, is what runs.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.controller import LDAlignController  # noqa: E402
-from actors.runtime import init_ray  # noqa: E402
-from rayalign.cli import parse_job_config  # noqa: E402
+from rayalign.cli import exit_on_input_error, parse_job_config  # noqa: E402
 from rayalign.config import LDAlignConfig  # noqa: E402
-from rayalign.report import summary_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_config(LDAlignConfig, __doc__.splitlines()[0], argv)
-    init_ray()
+    cfg = parse_job_config(LDAlignConfig, __doc__.splitlines()[0], argv)  # inputs checked
+    # torch, transformers and Ray only now, after the input checks (a second, not ten)
+    from actors.controller import LDAlignController
+    from actors.runtime import init_ray
+    from rayalign.report import summary_table
+
     start = time.time()
+    with exit_on_input_error():  # a run_dir made by another config: named before Ray starts
+        controller = LDAlignController(cfg, log=lambda line: print(line, flush=True))
+    init_ray()
     print(f"LD-Align: run_dir={Path(cfg.run_dir).absolute()} iterations={cfg.iterations} "
           f"weights={cfg.weights}", flush=True)
-    controller = LDAlignController(cfg, log=lambda line: print(line, flush=True))
     rows = controller.run_all()
     print("\n" + summary_table(rows))
     print(f"\nreport: {controller.run.path('report', 'summary.md')}  "

@@ -18,14 +18,16 @@ from pathlib import Path
 # The submitted working directory's code, not an older installed copy, is what runs.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.guide_trainer import METRICS_FILE, train_guide  # noqa: E402
-from actors.runtime import init_ray  # noqa: E402
 from rayalign.cli import parse_job_config  # noqa: E402
 from rayalign.config import GuideJobConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_config(GuideJobConfig, __doc__.splitlines()[0], argv)
+    cfg = parse_job_config(GuideJobConfig, __doc__.splitlines()[0], argv)  # inputs checked
+    # torch, transformers and Ray only now, after the input checks (a second, not ten)
+    from actors.guide_trainer import METRICS_FILE, train_guide
+    from actors.runtime import init_ray
+
     init_ray()
     out = train_guide(cfg.sft, cfg.samples, cfg.base_model, cfg.out_dir, cfg.guide, cfg.workers)
     info = json.loads((out / METRICS_FILE).read_text())["informativeness"]

@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key path."""
+
+
+# Marks a string field as a checkpoint path that rayalign.preflight checks before Ray starts.
+MODEL_INPUT = {"input": "model"}
 
 
 class Section(BaseModel):
@@ -29,7 +33,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """A Hugging Face causal LM (and its tokenizer) loaded by local path or URI."""
 
-    path: str = Field(description="Checkpoint directory (config.json, safetensors, tokenizer).")
+    path: str = Field(description="Checkpoint directory (config.json, safetensors, tokenizer).",
+                      json_schema_extra=MODEL_INPUT)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on GPU, float32 on CPU."
     )
@@ -102,6 +107,25 @@ class PairsConfig(Section):
     progress_bars: bool = Field(True, description="Ray Data progress bars.")
 
 
+class HTTPServiceConfig(Section):
+    """Request limits, auth and load shedding of a Serve app (services/http.py, both services).
+
+    Without a token only loopback clients are answered (and the app warns when it starts).
+    """
+
+    auth_token_env: str | None = Field(
+        None, description="Env var holding the bearer token (read where the app is built).")
+    auth_token: SecretStr | None = Field(
+        None, description="Bearer token; prefer auth_token_env (never printed).")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="Larger bodies get 413, unread.")
+    max_ongoing_requests: int = Field(16, gt=0, description="Requests a replica works on at once.")
+    max_queued_requests: int = Field(
+        64, gt=0, description="Requests waiting for a replica; beyond, 503 at once (shedding).")
+    host: str = Field("127.0.0.1", description="Where `python -m services.<app>` has Serve "
+                      "listen (0.0.0.0 = every interface; give a token then).")
+    port: int = Field(8000, gt=0, lt=65536, description="Serve's HTTP port (python -m only).")
+
+
 class SamplerServiceConfig(Section):
     """services/sampler.py: an OpenAI-compatible subset over the policy sampler (Ray Serve).
 
@@ -109,7 +133,8 @@ class SamplerServiceConfig(Section):
     `sampling.max_new_tokens` is also the largest max_tokens a request may ask for.
     """
 
-    model_path: str = Field(description="Policy checkpoint directory.")
+    model_path: str = Field(description="Policy checkpoint directory.",
+                            json_schema_extra=MODEL_INPUT)
     served_model_name: str | None = Field(
         None, description="The `model` name clients use; None = the checkpoint directory name."
     )
@@ -125,6 +150,9 @@ class SamplerServiceConfig(Section):
     replicas: ResourcesConfig = Field(
         ResourcesConfig(), description="num_actors sampler replicas, num_cpus / num_gpus each."
     )
+    http: HTTPServiceConfig = HTTPServiceConfig(auth_token_env="RAYALIGN_SAMPLER_TOKEN")
+    max_stop: int = Field(4, ge=0, description="Stop strings per request (OpenAI allows 4).")
+    max_stop_chars: int = Field(64, gt=0, description="Characters per stop string.")
 
 
 class TrainConfig(Section):
@@ -148,6 +176,10 @@ class TrainConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     max_nan_steps: int = Field(3, ge=0, description="Skipped non-finite steps before failing.")
     max_failures: int = Field(1, ge=0, description="Ray Train retries, resuming from checkpoint.")
+    startup_timeout_s: float = Field(
+        900.0, gt=0.0, description="Longest a worker waits for DeepSpeed's CPU op to be built "
+        "or loaded on its host (rayalign/dsops.py); past it the job fails naming the holder.",
+    )
     checkpoint_every: int | None = Field(None, gt=0, description="Optimizer steps; None = end only.")
     disable_dropout: bool = Field(True, description="Set every nn.Dropout of the policy to p=0 "
                                   "(TRL's default: dropout makes policy and reference log-probs "
@@ -188,7 +220,8 @@ class GuideConfig(Section):
     """
 
     model: str | None = Field(
-        None, description="Causal-LM checkpoint for phi and psi; None = the policy's base model."
+        None, description="Causal-LM checkpoint for phi and psi; None = the policy's base model.",
+        json_schema_extra=MODEL_INPUT,
     )
     init: Literal["pretrained", "config"] = Field(
         "pretrained", description="pretrained = start from the checkpoint's weights; "
@@ -219,8 +252,10 @@ class GuideJobConfig(Section):
     """jobs/train_guide.py: train the guide on SFT gold responses plus policy samples (Eq. 2)."""
 
     sft: DataConfig = Field(description="SFT data; its truncation limits are also the guide's.")
-    samples: str = Field(description="JSONL or Parquet with columns prompt, gold, sample.")
-    base_model: str = Field(description="Checkpoint phi and psi start from unless guide.model is set.")
+    samples: str = Field(description="JSONL or Parquet with columns prompt, gold, sample.",
+                         json_schema_extra={"input": "rows"})
+    base_model: str = Field(description="Checkpoint phi and psi start from unless guide.model "
+                            "is set.", json_schema_extra=MODEL_INPUT)
     out_dir: str = Field(description="Guide checkpoint + metrics.json are written here atomically.")
     guide: GuideConfig = GuideConfig()
     workers: ResourcesConfig = Field(
@@ -232,7 +267,8 @@ class GuideJobConfig(Section):
 class ScoringConfig(Section):
     """services/scoring.py: the latent-distance REST service (Ray Serve + FastAPI)."""
 
-    guide_path: str = Field(description="Guide checkpoint directory (GuideModel.save).")
+    guide_path: str = Field(description="Guide checkpoint directory (GuideModel.save).",
+                            json_schema_extra={"input": "dir"})
     app_name: str = "scoring"
     route_prefix: str = Field("/scoring", description="Distinct from the sampler app's prefix.")
     replicas: ResourcesConfig = Field(
@@ -242,15 +278,11 @@ class ScoringConfig(Section):
     batching: bool = Field(True, description="Dynamic batching of encoder calls (@serve.batch).")
     max_batch_size: int = Field(64, gt=0, description="(prompt, response) pairs per encoder call.")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
-    max_ongoing_requests: int = Field(64, gt=0, description="Concurrent requests per replica.")
-    auth_token_env: str | None = Field(
-        "RAYALIGN_SCORING_TOKEN", description="Env var holding the bearer token (read by build_app)."
-    )
-    auth_token: str | None = Field(None, description="Bearer token; prefer auth_token_env.")
+    http: HTTPServiceConfig = HTTPServiceConfig(auth_token_env="RAYALIGN_SCORING_TOKEN",
+                                                max_ongoing_requests=64, max_queued_requests=256)
     max_items: int = Field(64, gt=0, description="Items per request.")
     max_candidates: int = Field(64, gt=0, description="Candidates per item.")
     max_text_chars: int = Field(8192, gt=0, description="Characters per prompt/response string.")
-    max_body_bytes: int = Field(1 << 20, gt=0)
 
 
 class TinyDefaultConfig(Section):
@@ -491,6 +523,16 @@ def build_config(cls: type[Cfg], data: dict, source: str = "") -> Cfg:
         raise ConfigError(_describe(err, source)) from None
 
 
+_SECRET_KEYS = ("token", "secret", "password")
+
+
+def _redacted(override: str) -> str:
+    """An override as error messages show it: the value of a secret key is never printed."""
+    key, sep, _ = override.partition("=")
+    last = key.strip().rsplit(".", 1)[-1].lower()
+    return f"{key}=***" if sep and any(word in last for word in _SECRET_KEYS) else override
+
+
 def load_config(
     cls: type[Cfg], path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()
 ) -> Cfg:
@@ -510,5 +552,5 @@ def load_config(
     data = _merge(_default_sections(cls), data)
     if overrides:
         data = _merge(data, parse_overrides(list(overrides)))
-        source += " with overrides " + " ".join(overrides)
+        source += " with overrides " + " ".join(_redacted(o) for o in overrides)
     return build_config(cls, data, source)

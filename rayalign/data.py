@@ -13,8 +13,13 @@ Formats (DESIGN.md, "Data formats"):
 Prompts must be non-empty; a response may be the empty string (a policy that stops at once
 produced it, and it is then just the EOS token), but never missing or of the wrong type.
 
-Files are JSONL or Parquet, local or any URI pyarrow understands. Every row is validated on
-load; the first bad row raises `DataError` naming file, row (1-based) and field.
+Files are JSONL (UTF-8) or Parquet, local or any URI pyarrow understands. Every row is
+validated on load; the first bad row raises `DataError` naming file, row (1-based) and field:
+bytes that are not UTF-8, lone surrogates (``"\\ud800"`` in JSON: no tokenizer can encode
+them), chat roles other than system / user / assistant (a template would render them as
+text, e.g. ``<|wizard|>``). `check_examples` runs the same checks without a tokenizer (chat
+templates unrendered) and without torch, so a job can name a bad row in a second, before it
+imports the heavy libraries or starts Ray.
 
 Tokenization: prompt and response are tokenized separately and concatenated, so the response
 tokens (and the EOS that ends the response) are exactly the tokens that count. The prompt
@@ -30,11 +35,14 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .config import DataConfig
+
+if TYPE_CHECKING:  # torch is imported where batches are built, so validation stays light
+    import torch
+
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
@@ -103,7 +111,12 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     except OSError as err:
         raise DataError(path, None, None, f"cannot open: {err}") from None
     with f:
-        for number, line in enumerate(f.read().decode("utf-8").splitlines(), start=1):
+        for number, raw in enumerate(f.read().splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(path, number, None, f"not UTF-8: byte {err.object[err.start]:#04x} "
+                                f"at column {err.start + 1}") from None
             if not line.strip():
                 continue
             try:
@@ -115,10 +128,11 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 class _Row:
     """Field access on one raw row that turns every problem into a `DataError`."""
 
-    def __init__(self, source: str, number: int, row: Any, tokenizer):
+    def __init__(self, source: str, number: int, row: Any, tokenizer, render: bool = True):
         if not isinstance(row, dict):
             raise DataError(source, number, None, f"expected an object, got {type(row).__name__}")
         self.source, self.number, self.row, self.tokenizer = source, number, row, tokenizer
+        self.render = render  # False: check message lists, leave chat templates unrendered
 
     def error(self, field: str | None, reason: str) -> DataError:
         return DataError(self.source, self.number, field, reason)
@@ -131,11 +145,17 @@ class _Row:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str)
                     and isinstance(m.get("content"), str)):
                 raise self.error(field, f"message {i} must be {{'role': str, 'content': str}}")
+            if m["role"] not in CHAT_ROLES:
+                raise self.error(field, f"message {i}: unknown role {m['role'][:40]!r}; expected "
+                                        f"one of {', '.join(CHAT_ROLES)}")
+            self.text(field, m["content"], allow_empty=True)
         if not value:
             raise self.error(field, "empty message list")
         return value
 
     def render_prompt(self, field: str, messages: list[dict]) -> str:
+        if not self.render:
+            return ""
         if self.tokenizer is None:
             raise self.error(field, "message lists need a tokenizer with a chat template")
         return self.tokenizer.apply_chat_template(
@@ -166,6 +186,11 @@ class _Row:
             raise self.error(field, f"expected a string or message list, got {type(value).__name__}")
         if not allow_empty and not value.strip():
             raise self.error(field, "empty string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise self.error(field, f"lone surrogate {value[err.start]!r} at character "
+                                    f"{err.start}: not valid Unicode text") from None
         return value
 
     def number_(self, field: str, default: float | None) -> float | None:
@@ -213,14 +238,16 @@ _PARSERS = {"sft": _sft, "preference": _preference, "unpaired": _unpaired}
 
 
 def load_examples(
-    path: str | os.PathLike, kind: str, tokenizer=None, limit: int | None = None
+    path: str | os.PathLike, kind: str, tokenizer=None, limit: int | None = None,
+    render: bool = True,
 ) -> list[Example]:
-    """Read and validate a whole dataset file; fails on the first bad row."""
+    """Read and validate a whole dataset file; fails on the first bad row. With
+    ``render=False`` message-list prompts are checked but not rendered (they come out "")."""
     if kind not in _PARSERS:
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {sorted(_PARSERS)}")
     parse, source, out = _PARSERS[kind], str(path), []
     for number, row in read_rows(source):
-        out.append(parse(_Row(source, number, row, tokenizer)))
+        out.append(parse(_Row(source, number, row, tokenizer, render)))
         if limit is not None and len(out) >= limit:
             break
     if not out:
@@ -231,6 +258,11 @@ def load_examples(
 def load_dataset(cfg: DataConfig, tokenizer=None) -> list[Example]:
     """`load_examples` for a `DataConfig`."""
     return load_examples(cfg.path, cfg.kind, tokenizer, cfg.limit)
+
+
+def check_examples(cfg: DataConfig) -> int:
+    """Every check of `load_dataset` but the chat-template rendering; the number of rows."""
+    return len(load_examples(cfg.path, cfg.kind, None, cfg.limit, render=False))
 
 
 def encode(
@@ -258,6 +290,8 @@ class SequenceBatch:
 
 def collate(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> SequenceBatch:
     """Concatenate each (prompt_ids, response_ids) and right-pad into one batch."""
+    import torch
+
     if not sequences:
         raise ValueError("cannot collate an empty batch")
     width = max(len(p) + len(r) for p, r in sequences)

@@ -75,7 +75,7 @@ from .ewc import (
     importance,
     importance_stats,
 )
-from .rundir import RunDir, config_hash
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +322,9 @@ def prepare_inputs(cfg: HbatConfig) -> HbatConfig:
     return resolved
 
 
-def fingerprint(cfg: HbatConfig) -> str:
-    """The run directory's config hash: a run resumes only under the same configuration."""
-    return config_hash(cfg.model_dump(mode="json"))
+def fingerprint(cfg: HbatConfig) -> dict:
+    """The run directory's configuration: a run resumes only under the same one."""
+    return cfg.model_dump(mode="json")
 
 
 def finished_phases(run: RunDir, phases: Sequence[HbatPhase]) -> list[HbatPhase]:

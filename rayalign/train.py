@@ -76,6 +76,7 @@ from .data import (
     collate,
     encode,
 )
+from .dsops import ensure_ops
 from .logprobs import sequence_logprobs
 from .models import load_model, load_tokenizer, resolve_dtype, save_checkpoint
 
@@ -459,6 +460,7 @@ class Trainer:
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
         torch.manual_seed(train.seed)
+        ensure_ops(train.startup_timeout_s)  # never wait forever on a killed worker's lock
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(),
             config=deepspeed_config(train, self.world_size, self.dtype),

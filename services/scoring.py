@@ -10,53 +10,54 @@ Endpoints (relative to the app's route prefix, `/scoring` by default):
 
 Encoder calls go through `@serve.batch` (one unit = one (prompt, response) pair), so the pairs
 of concurrent requests share forward passes; `batching: false` in the config turns it off
-(each request runs its own forward) for comparison. POST endpoints need
-``Authorization: Bearer <token>`` when a token is configured (401 otherwise). Bad input never
-reaches the model: wrong types, missing/unknown fields, empty or blank strings -> 422;
-more items, candidates, characters or body bytes than the configured limits -> 413.
+(each request runs its own forward) for comparison. Requests limits, auth and load shedding
+are services/http.py's (config section `http`): POST endpoints need ``Authorization: Bearer
+<token>`` (401 otherwise; with no token configured only loopback clients are answered), a
+body over ``http.max_body_bytes`` is 413 before it is read, past ``http.max_ongoing_requests``
++ ``http.max_queued_requests`` Serve answers 503. Bad input never reaches the model: wrong
+types, missing/unknown fields, empty or blank strings, lone surrogates -> 422; more items,
+candidates or characters than the configured limits -> 413.
 
-Start it (a local Ray is started, or RAY_ADDRESS / `ray start` joins a cluster)::
+Start it (RAY_ADDRESS joins that cluster, else a fresh local Ray starts; an unreachable
+address fails within `actors.runtime.CONNECT_TIMEOUT_S`, naming it)::
 
-    python -m services.scoring --config configs/scoring.yaml [--set guide_path=runs/x/guide]
-    serve run --name scoring --route-prefix /scoring \
-        services.scoring:app_builder config=configs/scoring.yaml guide_path=runs/x/guide
+    RAYALIGN_SCORING_TOKEN=... python -m services.scoring --config configs/scoring.yaml \
+        [--set guide_path=runs/x/guide]
 
 On a cluster: `ray job submit --working-dir . -- python -m services.scoring --config ...`, or
-`serve deploy` a Serve config naming `services.scoring:app_builder` with these arguments.
-The token is read from the env var named by `auth_token_env` where the app is built.
+`serve deploy` a Serve config naming `services.scoring:app_builder` with ``key.path=value``
+arguments. The token is read from the env var named by `http.auth_token_env` where the app
+is built.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request models as classes.
 import asyncio
-import hmac
-import os
 import threading
 from pathlib import Path
 from typing import Annotated
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+from fastapi import FastAPI, HTTPException
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ray import serve
 
+from actors.runtime import init_ray
 from rayalign.cli import parse_job_config
 from rayalign.config import ScoringConfig, load_config
 from rayalign.guide import SPEC_FILE, GuideModel, pair_distances, resolve_device, unique_pairs
+from services.http import (
+    DetailError, Guard, Text, deployment_options, detail_body, error_responses, install,
+    resolve_token,
+)
 
 
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty or only whitespace")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
     return value
 
 
-Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+NonBlank = Annotated[Text, AfterValidator(_not_blank)]
 
 
 class _Body(BaseModel):
@@ -64,14 +65,14 @@ class _Body(BaseModel):
 
 
 class DistanceItem(_Body):
-    prompt: Text
-    reference: Text = Field(description="The gold response y.")
-    candidates: list[Text] = Field(min_length=1, description="Responses y' to compare with y.")
+    prompt: NonBlank
+    reference: NonBlank = Field(description="The gold response y.")
+    candidates: list[NonBlank] = Field(min_length=1, description="Responses y' to compare with y.")
 
 
 class PairItem(_Body):
-    prompt: Text
-    response: Text
+    prompt: NonBlank
+    response: NonBlank
 
 
 class DistancesResponse(BaseModel):
@@ -98,37 +99,8 @@ class Health(BaseModel):
 
 api = FastAPI(title="rayalign latent-distance scoring",
               description="LD-Align guide encoder: latent distances and embeddings.")
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-    """422 with where and why, without echoing the input (it may be huge, or not encodable)."""
-    detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in err.errors()]
-    return JSONResponse({"detail": detail}, status_code=422)
-
-
-@api.middleware("http")
-async def _guard(request: Request, call_next):
-    """Bearer token and body size, checked before the body is parsed."""
-    guard = request.app.state.guard
-    if request.method == "POST":
-        if guard.token is not None:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(),
-                                                                     guard.token.encode()):
-                return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-        length = request.headers.get("content-length")
-        size = int(length) if length and length.isdigit() else len(await request.body())
-        if size > guard.limits.max_body_bytes:
-            return JSONResponse({"detail": f"body of {size} bytes exceeds the limit of "
-                                           f"{guard.limits.max_body_bytes}"}, status_code=413)
-    return await call_next(request)
-
-
-class _Guard:
-    def __init__(self, token: str | None, limits: ScoringConfig):
-        self.token, self.limits = token, limits
+install(api, "detail")
+ERRORS = error_responses(DetailError, 401, 413, 422, 503)
 
 
 def _check_sizes(items: list[BaseModel], cfg: ScoringConfig) -> None:
@@ -158,7 +130,7 @@ class ScoringService:
         self._forward_lock = threading.Lock()
         self._embed_pooled.set_max_batch_size(cfg.max_batch_size)
         self._embed_pooled.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        api.state.guard = _Guard(token, cfg)
+        api.state.guard = Guard(cfg.http, token, detail_body, "scoring")
 
     def _encode(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
         """One forward at a time per replica (it owns its CPUs/GPU); batching decides how
@@ -187,7 +159,7 @@ class ScoringService:
     async def healthz(self) -> Health:
         return Health(status="ok", **self._meta())
 
-    @api.post("/v1/distances")
+    @api.post("/v1/distances", responses=ERRORS)
     async def distances(self, body: DistanceItem | Items) -> DistancesResponse:
         items = body if isinstance(body, list) else [body]
         _check_sizes(items, self.cfg)
@@ -200,7 +172,7 @@ class ScoringService:
             start += len(it.candidates)
         return DistancesResponse(distances=out if isinstance(body, list) else out[0], **self._meta())
 
-    @api.post("/v1/embeddings")
+    @api.post("/v1/embeddings", responses=ERRORS)
     async def embeddings(self, body: PairItem | Pairs) -> EmbeddingsResponse:
         items = body if isinstance(body, list) else [body]
         _check_sizes(items, self.cfg)
@@ -208,25 +180,16 @@ class ScoringService:
         return EmbeddingsResponse(embeddings=h if isinstance(body, list) else h[0], **self._meta())
 
 
-def resolve_token(cfg: ScoringConfig) -> str | None:
-    """The bearer token: `auth_token`, else the env var `auth_token_env` (None = no auth)."""
-    if cfg.auth_token:
-        return cfg.auth_token
-    if cfg.auth_token_env:
-        return os.environ.get(cfg.auth_token_env) or None
-    return None
-
-
 def build_app(cfg: ScoringConfig) -> serve.Application:
-    """The Serve application for `cfg` (replicas and their resources from `cfg.replicas`)."""
+    """The Serve application for `cfg` (replicas and their resources from `cfg.replicas`,
+    load shedding from `cfg.http`)."""
     if not (Path(cfg.guide_path) / SPEC_FILE).is_file():
         raise FileNotFoundError(f"guide_path {cfg.guide_path!r} is not a guide checkpoint "
                                 f"(no {SPEC_FILE}); train one with jobs/train_guide.py")
     return ScoringService.options(
-        num_replicas=cfg.replicas.num_actors,
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        num_replicas=cfg.replicas.num_actors, **deployment_options(cfg.http),
         ray_actor_options={"num_cpus": cfg.replicas.num_cpus, "num_gpus": cfg.replicas.num_gpus},
-    ).bind(cfg, resolve_token(cfg))
+    ).bind(cfg, resolve_token(cfg.http))
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
@@ -239,7 +202,10 @@ def app_builder(args: dict[str, str]) -> serve.Application:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_job_config(ScoringConfig, __doc__.splitlines()[0], argv)
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=True)
+    app = build_app(cfg)
+    init_ray()  # RAY_ADDRESS or a fresh local Ray, bounded by a timeout naming the address
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=True)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
+from rayalign.config import DataConfig
 from rayalign.data import (
-    DataError, PreferenceExample, SFTExample, collate, collate_pairs, encode, load_examples,
+    DataError, PreferenceExample, SFTExample, check_examples, collate, collate_pairs, encode,
+    load_examples,
 )
 
 
@@ -54,6 +56,15 @@ def test_preference_and_unpaired_parquet(tmp_path, tok):
     ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": -1}, "preference", "weight", ">= 0"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "weight": "x"}, "preference", "weight", "finite"),
     ({"prompt": "q", "completion": "a", "label": "yes"}, "unpaired", "label", "true or false"),
+    ({"prompt": "q\ud800", "completion": "a"}, "sft", "prompt", "lone surrogate"),
+    ({"prompt": "q", "chosen": "a", "rejected": "\udfff b"}, "preference", "rejected",
+     "lone surrogate"),
+    ({"messages": [{"role": "wizard", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "sft", "messages", "unknown role 'wizard'"),
+    ({"messages": [{"role": "user", "content": "q\ud800"}, {"role": "assistant", "content": "a"}]},
+     "sft", "messages", "lone surrogate"),
+    ({"prompt": [{"role": "tool", "content": "q"}], "chosen": "a", "rejected": "b"}, "preference",
+     "prompt", "unknown role 'tool'"),
 ])
 def test_bad_row_names_file_row_field(tmp_path, tok, row, kind, field, reason):
     good = {"sft": {"prompt": "q", "completion": "a"},
@@ -64,6 +75,25 @@ def test_bad_row_names_file_row_field(tmp_path, tok, row, kind, field, reason):
         load_examples(p, kind, tok)
     assert (err.value.row, err.value.field) == (3, field)
     assert str(p) in str(err.value) and reason in str(err.value)
+
+
+def test_invalid_utf8_names_file_row_and_column(tmp_path, tok):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"prompt": "q", "completion": "a"}\n\n{"prompt": "q\xff", "completion": "a"}\n')
+    for load in (lambda: load_examples(p, "sft", tok),
+                 lambda: check_examples(DataConfig(path=str(p)))):
+        with pytest.raises(DataError) as err:
+            load()
+        assert (err.value.source, err.value.row) == (str(p), 3)
+        assert "not UTF-8: byte 0xff at column 14" in str(err.value)
+
+
+def test_check_examples_validates_messages_without_a_tokenizer(tmp_path):
+    msgs = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert check_examples(DataConfig(path=str(jsonl(tmp_path, [msgs] * 3)))) == 3
+    bad = {"messages": [{"role": "user", "content": "q"}]}
+    with pytest.raises(DataError, match="row 2, field 'messages'.*role 'assistant'"):
+        check_examples(DataConfig(path=str(jsonl(tmp_path, [msgs, bad]))))
 
 
 def test_empty_response_is_a_response(tmp_path, tok):

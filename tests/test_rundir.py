@@ -4,7 +4,7 @@ from rayalign.rundir import ResumeMismatchError, RunDir, config_hash
 
 
 def test_record_resume_and_mismatch(tmp_path):
-    fp = config_hash({"a": 1})
+    fp = {"a": 1}
     run = RunDir(tmp_path / "run", fp)
     out = run.path("iter_000", "pairs.parquet")
     out.parent.mkdir()
@@ -17,7 +17,21 @@ def test_record_resume_and_mismatch(tmp_path):
     rec = again.get("iter_000/pairs")
     assert rec.outputs == {"pairs": str(out)} and rec.metrics == {"n": 3} and rec.seconds == 1.235
     with pytest.raises(ResumeMismatchError, match="different configuration"):
-        RunDir(tmp_path / "run", config_hash({"a": 2}))
+        RunDir(tmp_path / "run", {"a": 2})
+
+
+def test_a_changed_config_is_refused_naming_the_keys_that_changed(tmp_path):
+    old = {"train": {"beta": 0.1, "lr": 1e-5}, "weights": "latent", "stop": ["x"]}
+    RunDir(tmp_path / "run", old)
+    new = {"train": {"beta": 0.2, "lr": 1e-5}, "weights": "latent", "stop": ("x",),
+           "extra": {"k": 1}}
+    with pytest.raises(ResumeMismatchError) as err:
+        RunDir(tmp_path / "run", new)
+    lines = str(err.value).splitlines()
+    assert "  train.beta: 0.1 -> 0.2" in lines and "  extra.k: (unset) -> 1" in lines
+    assert not any("stop" in line or "lr" in line for line in lines)  # a tuple equals its list
+    assert "hash" not in str(err.value)
+    RunDir(tmp_path / "run", {**old, "stop": ("x",)})  # the same config resumes
 
 
 def test_config_hash_is_order_independent():

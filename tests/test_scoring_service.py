@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 
 from actors.scorer import GuideScorer
-from rayalign.config import GuideConfig, ResourcesConfig, ScoringConfig
+from rayalign.config import GuideConfig, HTTPServiceConfig, ResourcesConfig, ScoringConfig
 from rayalign.guide import GuideModel
-from services.scoring import build_app, resolve_token
+from services.http import resolve_token
+from services.scoring import build_app
 
 TOKEN = "test-token-123"
 ROUTE = "/scoring-test"
 BASE = f"http://127.0.0.1:8000{ROUTE}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-LIMITS = {"max_items": 4, "max_candidates": 8, "max_text_chars": 200, "max_body_bytes": 4096}
+LIMITS = {"max_items": 4, "max_candidates": 8, "max_text_chars": 200}
 ITEM = {"prompt": "sort: 3 1 2 =>", "reference": " 1 2 3",
         "candidates": [" 1 2 3", " 1 3 2", " 3 2 1", " 1 2"]}
 ITEM2 = {"prompt": "sort: 7 5 =>", "reference": " 5 7", "candidates": [" 7 5", " 5 7 7"]}
@@ -39,7 +40,8 @@ def service(ray_cluster, guide_path):
     from ray import serve
 
     cfg = ScoringConfig(guide_path=guide_path, app_name="scoring-test", route_prefix=ROUTE,
-                        auth_token=TOKEN, replicas=ResourcesConfig(num_cpus=1), **LIMITS)
+                        http=HTTPServiceConfig(auth_token=TOKEN, max_body_bytes=4096),
+                        replicas=ResourcesConfig(num_cpus=1), **LIMITS)
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     yield BASE
     serve.delete(cfg.app_name)
@@ -176,8 +178,9 @@ def test_bad_embeddings_input_gets_422(service):
 
 def test_token_comes_from_config_or_the_named_env_var(monkeypatch):
     monkeypatch.setenv("MY_SCORING_TOKEN", "from-env")
-    assert resolve_token(ScoringConfig(guide_path="g", auth_token_env="MY_SCORING_TOKEN")) == "from-env"
-    assert resolve_token(ScoringConfig(guide_path="g", auth_token_env="MY_SCORING_TOKEN",
-                                       auth_token="cfg")) == "cfg"
+    assert resolve_token(HTTPServiceConfig(auth_token_env="MY_SCORING_TOKEN")) == "from-env"
+    assert resolve_token(HTTPServiceConfig(auth_token_env="MY_SCORING_TOKEN",
+                                           auth_token="cfg")) == "cfg"
     monkeypatch.delenv("MY_SCORING_TOKEN")
-    assert resolve_token(ScoringConfig(guide_path="g", auth_token_env="MY_SCORING_TOKEN")) is None
+    assert resolve_token(HTTPServiceConfig(auth_token_env="MY_SCORING_TOKEN")) is None
+    assert ScoringConfig(guide_path="g").http.auth_token_env == "RAYALIGN_SCORING_TOKEN"
