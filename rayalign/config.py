@@ -184,6 +184,10 @@ class TrainConfig(Section):
     disable_dropout: bool = Field(True, description="Set every nn.Dropout of the policy to p=0 "
                                   "(TRL's default: dropout makes policy and reference log-probs "
                                   "of the same text differ).")
+    length_window: int = Field(
+        32, ge=0, description="Micro-batches per shuffle window whose rows are sorted by length "
+        "(less padding; rayalign.grouping); 1 = a plain per-epoch shuffle, 0 = rows in their "
+        "given order.")
     seed: int = 0
 
 

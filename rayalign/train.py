@@ -23,13 +23,17 @@ One optimizer step (the loop in `Trainer.run_phase`):
    unclipped gradients; then the learning rate of :func:`lr_at`; then ``engine.step()``
    (clipping + AdamW).
 
-Micro-batches. Paired objectives and SFT take ``micro_batch_size`` consecutive rows of the
-rank's shard. ``aot_unpaired`` reads (prompt, completion, label) rows and fills two buffers;
-a micro-batch is the first ``micro_batch_size`` rows labelled true (chosen) and the first
-``micro_batch_size`` labelled false (rejected), so chosen and rejected sets have equal sizes
-on every rank (AOT's gather needs equal per-rank sizes); rows left in a buffer at the end of
-an epoch are dropped for that epoch. A shard therefore needs both labels in about equal
-numbers (the Ray driver, actors/trainer.py, ships them so).
+Micro-batches. Each epoch the rank's rows are put in the length-grouped order of
+`rayalign.grouping.grouped_batches` (seeded by ``seed`` and the epoch; ``length_window`` 0
+keeps the shard's order), and each micro-batch is padded to its own longest sequence; the step
+metrics report the padding share. Paired objectives and SFT take ``micro_batch_size``
+consecutive rows of that order. ``aot_unpaired`` reads (prompt, completion, label) rows in
+that order and fills two buffers; a micro-batch is the first ``micro_batch_size`` rows
+labelled true (chosen) and the first ``micro_batch_size`` labelled false (rejected), so
+chosen and rejected sets have equal sizes on every rank (AOT's gather needs equal per-rank
+sizes); rows left in a buffer at the end of an epoch are dropped for that epoch. A shard
+therefore needs both labels in about equal numbers (the Ray driver, actors/trainer.py, ships
+them so).
 
 Non-finite loss: all ranks agree (one all-reduce) and skip the micro-batch (no backward, so
 no rank's gradients see it); more than ``max_nan_steps`` consecutive skips raise
@@ -77,6 +81,7 @@ from .data import (
     encode,
 )
 from .dsops import ensure_ops
+from .grouping import grouped_batches
 from .logprobs import sequence_logprobs
 from .models import load_model, load_tokenizer, resolve_dtype, save_checkpoint
 
@@ -251,8 +256,16 @@ def plan_data(examples: Sequence[Example], train: TrainConfig, world_size: int) 
     return DataPlan(math.ceil(rows / train.micro_batch_size), all(ref_flags) and kind != "sft")
 
 
-def micro_batches(rows: Iterable[Mapping], objective: str, size: int) -> Iterator[list[Mapping]]:
-    """One epoch of a rank's rows grouped into micro-batches (module docstring)."""
+def micro_batches(rows: Iterable[Mapping], objective: str, size: int, window: int = 0,
+                  seed: int = 0, epoch: int = 0) -> Iterator[list[Mapping]]:
+    """One epoch of a rank's rows grouped into micro-batches (module docstring), in the
+    length-grouped order of `rayalign.grouping.grouped_batches` (``window`` > 0)."""
+    if window > 0:
+        rows = list(rows)
+        batches = grouped_batches([_row_length(r) for r in rows],
+                                  size * (2 if objective == "aot_unpaired" else 1), window, seed,
+                                  epoch)
+        rows = [rows[i] for batch in batches for i in batch]
     if objective != "aot_unpaired":
         it = iter(rows)
         while chunk := list(itertools.islice(it, size)):
@@ -264,6 +277,16 @@ def micro_batches(rows: Iterable[Mapping], objective: str, size: int) -> Iterato
         if len(buffers[True]) >= size and len(buffers[False]) >= size:
             yield buffers[True][:size] + buffers[False][:size]
             buffers = {k: v[size:] for k, v in buffers.items()}
+
+
+def _row_length(row: Mapping) -> int:
+    """The padded width a row needs: prompt + its longest response, in tokens when the row is
+    tokenized (`tokenize_rows`), else in characters (a proxy with the same order, roughly)."""
+    sides = [f for f in _RESPONSE_FIELDS["sft"] + _RESPONSE_FIELDS["preference"]
+             + _RESPONSE_FIELDS["unpaired"] if f in row or f"{f}_ids" in row]
+    if "prompt_ids" in row:
+        return len(row["prompt_ids"]) + max(len(row[f"{f}_ids"]) for f in sides)
+    return len(row["prompt"]) + max(len(row[f]) for f in sides)
 
 
 @dataclass
@@ -499,7 +522,8 @@ class Trainer:
         started = time.perf_counter()
         while state.step < steps:  # one epoch (or the rest of one) per iteration
             batches = micro_batches(phase.rows, phase.train.objective,
-                                    phase.train.micro_batch_size)
+                                    phase.train.micro_batch_size, phase.train.length_window,
+                                    phase.train.seed, state.epoch)
             batches = itertools.islice(batches, state.batch_in_epoch, None)
             consumed_any = False
             while state.step < steps and self._all((rows := next(batches, None)) is not None):
@@ -568,7 +592,7 @@ class Trainer:
         state.nonfinite_run = 0
         self.engine.backward(loss)
         _add(sums, loss=loss.item(), micro_batches=1.0, examples=float(batch.num_examples),
-             tokens=float(seqs.attention_mask.sum()))
+             tokens=float(seqs.attention_mask.sum()), slots=float(seqs.attention_mask.numel()))
         if terms is not None:
             chosen, rejected = terms.chosen_rewards.mean().item(), terms.rejected_rewards.mean().item()
             _add(sums, chosen_reward=chosen, rejected_reward=rejected, margin=chosen - rejected)
@@ -583,7 +607,7 @@ class Trainer:
                         state: PhaseState) -> dict[str, float]:
         """Per-step metrics: means over micro-batches and ranks, rates over all ranks."""
         keys = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "weight",
-                "micro_batches", "examples", "tokens", "skipped")
+                "micro_batches", "examples", "tokens", "slots", "skipped")
         # on the training device: an NCCL-only group rejects CPU tensors
         totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64,
                               device=self.device)
@@ -593,7 +617,9 @@ class Trainer:
         n = max(t["micro_batches"], 1.0)
         metrics = {"step": float(state.step), "epoch": float(state.epoch), "lr": lr,
                    "loss": t["loss"] / n, "examples_per_s": t["examples"] / seconds,
-                   "tokens_per_s": t["tokens"] / seconds, "skipped": t["skipped"]}
+                   "tokens_per_s": t["tokens"] / seconds, "skipped": t["skipped"],
+                   # share of the padded [rows, width] slots of the step's forwards that are padding
+                   "padding": 1.0 - t["tokens"] / t["slots"] if t["slots"] else 0.0}
         metrics.update({k: t[k] / n for k in ("chosen_reward", "rejected_reward", "margin",
                                               "accuracy", "weight") if k in sums})
         norm = self._grad_norm if self.clips_in_torch else self.engine.get_global_grad_norm()
