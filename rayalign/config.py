@@ -155,6 +155,27 @@ class SamplerServiceConfig(Section):
     max_stop_chars: int = Field(64, gt=0, description="Characters per stop string.")
 
 
+class LoraConfig(Section):
+    """LoRA adapters through peft (Hu et al. 2021): W + (alpha / r) B A on `target_modules`.
+
+    Only the adapters train (and enter the optimizer, so AdamW state is tiny); the reference
+    model of objectives without precomputed reference columns is the same network with the
+    adapters disabled, so no second model is loaded.
+    """
+
+    r: int = Field(8, gt=0, description="Rank of the update B A.")
+    alpha: float = Field(16.0, gt=0.0, description="Scale alpha / r of the update.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: tuple[str, ...] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names (e.g. [q_proj, v_proj]) or all-linear (every "
+        "linear layer but the output head, peft's shorthand).",
+    )
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="merged = a plain Hugging Face checkpoint with B A added into W; "
+        "adapter = peft's adapter directory (adapter_config.json names the base checkpoint).",
+    )
+
+
 class TrainConfig(Section):
     """One training phase: objective, optimisation and DeepSpeed settings."""
 
@@ -188,12 +209,34 @@ class TrainConfig(Section):
         32, ge=0, description="Micro-batches per shuffle window whose rows are sorted by length "
         "(less padding; rayalign.grouping); 1 = a plain per-epoch shuffle, 0 = rows in their "
         "given order.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
+                                         "backward (less memory, ~1/3 more compute).")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="transformers' attention kernel; None = its default (sdpa where "
+        "supported); flash_attention_2 needs the flash-attn package and a GPU.",
+    )
+    offload: Literal["none", "cpu"] = Field(
+        "none", description="cpu = ZeRO-3 keeps parameters and optimizer state in CPU memory "
+        "(needs zero_stage 3).",
+    )
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of every "
+                                    "weight; None = full fine-tuning.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _engine(self) -> "TrainConfig":
+        if self.offload != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload={self.offload!r} needs zero_stage 3, got {self.zero_stage}")
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("lora with zero_stage 3 is not supported (the adapters are a few MB:"
+                             " use zero_stage 0-2)")
+        return self
 
 
 # TrainConfig fields fixed when the DeepSpeed engine is built, so equal for all its phases,
 ENGINE_FIELDS = ("zero_stage", "micro_batch_size", "gradient_accumulation_steps", "max_grad_norm",
-                 "disable_dropout", "seed")
+                 "disable_dropout", "gradient_checkpointing", "attn_implementation", "offload",
+                 "lora", "seed")
 # and those plus the settings of the Ray Train job that hosts the engine.
 JOB_FIELDS = ENGINE_FIELDS + ("num_workers", "use_gpu", "cpus_per_worker", "max_failures")
 

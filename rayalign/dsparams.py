@@ -109,3 +109,13 @@ def local_optimizer_state(optimizer, p: torch.nn.Parameter, key: str) -> Tensor 
             return None
         return mapping.get_optim_state_fragment(key)
     return optimizer.state.get(p, {}).get(key)  # ZeRO-0 fp32: a plain torch optimizer
+
+
+def rank0_state_dict(engine) -> dict[str, Tensor]:
+    """The full ZeRO-3 state dict on rank 0 (CPU tensors; empty on other ranks). Collective.
+
+    DeepSpeed gathers one module at a time and only rank 0 keeps a copy, so no rank ever
+    holds all parameters on its accelerator (what ``save_16bit_model`` writes; the tensors
+    keep the training dtype).
+    """
+    return engine._zero3_consolidated_16bit_state_dict()

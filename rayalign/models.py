@@ -40,9 +40,11 @@ def load_model(
     return model
 
 
-def save_checkpoint(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """Atomically write a Hugging Face checkpoint (safetensors + tokenizer) to `out_dir`."""
+def save_checkpoint(model: torch.nn.Module, tokenizer, out_dir: str | Path,
+                    state_dict: dict | None = None) -> Path:
+    """Atomically write a Hugging Face checkpoint (safetensors + tokenizer) to `out_dir`;
+    `state_dict` replaces the model's own tensors (a ZeRO-3 model gathered on one rank)."""
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)

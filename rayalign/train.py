@@ -83,6 +83,7 @@ from .data import (
 from .dsops import ensure_ops
 from .grouping import grouped_batches
 from .logprobs import sequence_logprobs
+from .lora import adapters_disabled, apply_lora, export_lora
 from .models import load_model, load_tokenizer, resolve_dtype, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -186,12 +187,20 @@ def deepspeed_config(train: TrainConfig, world_size: int, dtype: torch.dtype) ->
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"training precision must be float32 or bfloat16, got {dtype}")
+    zero: dict = {"stage": engine_zero_stage(train, dtype)}
+    if train.offload == "cpu":
+        pin = torch.cuda.is_available()  # page-locked host memory needs a CUDA runtime
+        zero.update(offload_param={"device": "cpu", "pin_memory": pin},
+                    offload_optimizer={"device": "cpu", "pin_memory": pin})
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
         "gradient_clipping": 0.0 if clips_in_torch(train, dtype) else train.max_grad_norm,
-        "zero_optimization": {"stage": engine_zero_stage(train, dtype)},
+        "zero_optimization": zero,
+        # offloaded optimizer state: torch's AdamW on the CPU tensors (DeepSpeedCPUAdam would
+        # compile a C++ op on first use)
+        **({"zero_force_ds_cpu_optimizer": False} if train.offload == "cpu" else {}),
         "bf16": {"enabled": dtype == torch.bfloat16},
         **({"data_types": {"grad_accum_dtype": "fp32"}}
            if engine_zero_stage(train, dtype) == 1 and dtype == torch.bfloat16 else {}),
@@ -476,18 +485,13 @@ class Trainer:
                        if train.use_gpu and torch.cuda.is_available() else torch.device("cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = load_tokenizer(policy)
-        model = load_model(ModelConfig(path=self.policy_path, dtype="float32"), self.device,
-                           trainable=True)
-        if train.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
+        ds_config = deepspeed_config(train, self.world_size, self.dtype)
+        model = self._load_policy(train, ds_config)
         torch.manual_seed(train.seed)
         ensure_ops(train.startup_timeout_s)  # never wait forever on a killed worker's lock
         self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(),
-            config=deepspeed_config(train, self.world_size, self.dtype),
-            dist_init_required=False,
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config, dist_init_required=False,
         )
         if self.world_size == 1 and engine_zero_stage(train, self.dtype) == 0:
             # Nothing to average with one data-parallel rank: skip the flatten + all-reduce +
@@ -496,6 +500,36 @@ class Trainer:
         self.clips_in_torch = clips_in_torch(train, self.dtype)
         self._grad_norm: float | None = None
         self._reference: torch.nn.Module | None = None
+
+    def _load_policy(self, train: TrainConfig, ds_config: dict) -> torch.nn.Module:
+        """The float32 policy on the CPU (DeepSpeed casts it to the training dtype before
+        moving it to the device, so no GPU ever holds the fp32 copy); under ZeRO-3 built
+        partitioned (zero.Init) so no process holds it whole; then dropout, checkpointing
+        and LoRA as configured."""
+        from transformers import AutoModelForCausalLM
+
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # while this object lives, from_pretrained builds each parameter under zero.Init;
+        # dropped right after, so that later loads (the reference model) are plain
+        zero3 = HfDeepSpeedConfig(ds_config) if train.zero_stage == 3 else None
+        extra = {} if train.attn_implementation is None else {
+            "attn_implementation": train.attn_implementation}
+        model = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=torch.float32,
+                                                     **extra)
+        del zero3
+        model.train()
+        if train.disable_dropout:  # before LoRA: the adapters keep their own dropout
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        if train.gradient_checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train.lora is not None:
+            return apply_lora(model, train.lora)
+        return model.requires_grad_(True)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -570,9 +604,7 @@ class Trainer:
         policy_logps, num_tokens = sequence_logprobs(self.engine, seqs)
         ref = batch.ref_logps
         if ref is None and train.objective != "sft":
-            with torch.inference_mode():
-                ref, _ = sequence_logprobs(self.reference(), seqs)
-            ref = ref.clone()  # an inference tensor cannot enter the loss's autograd graph
+            ref = self.reference_logps(seqs)
         ref = None if ref is None else ref.to(self.device, policy_logps.dtype)
         weights = None if batch.weights is None else batch.weights.to(self.device)
         loss, terms = objective_loss(train.objective, train, policy_logps, num_tokens, ref,
@@ -634,6 +666,17 @@ class Trainer:
         t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=self.device)
         dist.all_reduce(t)
         return int(t) == 0
+
+    def reference_logps(self, seqs: SequenceBatch) -> Tensor:
+        """Summed response log-probs under the reference model (no gradient): the policy with
+        its LoRA adapters disabled, else the frozen initial policy (`reference`)."""
+        with torch.inference_mode():
+            if self.engine_train.lora is not None:
+                with adapters_disabled(self.module):
+                    ref, _ = sequence_logprobs(self.module, seqs)
+            else:
+                ref, _ = sequence_logprobs(self.reference(), seqs)
+        return ref.clone()  # an inference tensor cannot enter the loss's autograd graph
 
     def reference(self) -> torch.nn.Module:
         """The frozen initial policy, loaded on first use."""
@@ -699,17 +742,22 @@ class Trainer:
     def export(self, out_dir: str | Path) -> Path | None:
         """Hugging Face checkpoint (safetensors + tokenizer) of the current policy.
 
-        Collective: under ZeRO-3 the full weights are gathered on every rank for the write.
-        Rank 0 writes atomically and returns the path; other ranks return None.
+        Collective. Under ZeRO-3 the weights are gathered module by module to rank 0 only
+        (`rayalign.dsparams.rank0_state_dict`). With LoRA: merged into a plain checkpoint or
+        peft's adapter directory (`rayalign.lora.export_lora`). Rank 0 writes atomically and
+        returns the path; other ranks return None.
         """
-        import deepspeed
-
-        params = list(self.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if self.rank == 0:
-                out = save_checkpoint(self.module, self.tokenizer, out_dir)
+        state = dsparams.rank0_state_dict(self.engine) if self.engine_train.zero_stage == 3 \
+            else None
+        out = None
+        if self.rank == 0:
+            if self.engine_train.lora is not None:
+                out = export_lora(self.module, self.tokenizer, self.policy_path,
+                                  self.engine_train.lora, out_dir)
+            else:
+                out = save_checkpoint(self.module, self.tokenizer, out_dir, state_dict=state)
         dist.barrier()
-        return out if self.rank == 0 else None
+        return out
 
 
 def _add(sums: dict[str, float], **values: float) -> None:
