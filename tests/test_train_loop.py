@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from rayalign import toytask
@@ -64,26 +61,6 @@ def make_phase(examples, name="p", world_size=1, **train) -> Phase:
 
 def params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A gloo process group of size 1, as torchrun would set it up."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-               WORLD_SIZE="1")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k)
-        else:
-            os.environ[k] = v
 
 
 # -- pure pieces ---------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -78,15 +77,6 @@ def test_two_ranks_train_in_a_two_backend_group(tiny_gpt2, tmp_path):
     for a, b in zip(first, second):
         assert {k: v for k, v in a.items() if not k.endswith("_per_s")} == \
                {k: v for k, v in b.items() if not k.endswith("_per_s")}
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
-                      LOCAL_RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _sft_rows() -> list[SFTExample]:
