@@ -37,7 +37,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import DataConfig
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 if TYPE_CHECKING:  # torch is imported where batches are built, so validation stays light
     import torch

@@ -96,3 +96,35 @@ def tiny_bert_encoder(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_reward_model(tmp_path_factory) -> str:
     return _tiny_bert(tmp_path_factory.mktemp("ckpt") / "bert_rm", head=True, seed=1)
+
+
+@pytest.fixture(scope="module")
+def gloo_rank():
+    """A gloo process group of size 1 for one test module, as torchrun would set it up.
+
+    DeepSpeed caches a clone of the world group (``deepspeed.utils.groups._WORLD_GROUP``) for
+    the process's life; after this module destroys its group the clone is dead, and the next
+    module's ZeRO >= 1 engine would use it. Teardown drops the cached clone with the group.
+    """
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    from deepspeed.utils import groups
+
+    groups._WORLD_GROUP = None
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k)
+        else:
+            os.environ[k] = v

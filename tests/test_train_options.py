@@ -10,12 +10,9 @@ float32 losses of a few nats agree to 1e-5.
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from rayalign import toytask
@@ -26,18 +23,6 @@ from rayalign.models import load_model
 from rayalign.train import Phase, Trainer, plan_data, to_rows
 
 LIMITS = dict(max_prompt_length=32, max_length=64)
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-                      LOCAL_RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _pairs(n: int = 4) -> list[PreferenceExample]:
@@ -69,7 +54,7 @@ def _first_step(checkpoint: str, **train) -> tuple[float, dict[str, torch.Tensor
     return history[0]["loss"], grads
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(one_rank, tiny_llama):
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(gloo_rank, tiny_llama):
     loss, grads = _first_step(tiny_llama)
     loss_ckpt, grads_ckpt = _first_step(tiny_llama, gradient_checkpointing=True)
     assert loss_ckpt == pytest.approx(loss, abs=1e-6)
@@ -79,7 +64,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(one_rank, tiny
     assert max(float(g.abs().max()) for g in grads.values()) > 1e-4
 
 
-def test_attention_implementation_from_config(one_rank, tiny_llama):
+def test_attention_implementation_from_config(gloo_rank, tiny_llama):
     eager = Trainer(tiny_llama, _phase(attn_implementation="eager").train)
     assert eager.module.config._attn_implementation == "eager"
     loss_eager = eager.run_phase(_phase(attn_implementation="eager")).history[0]["loss"]
@@ -102,7 +87,7 @@ def _zero3_params(checkpoint: str, offload: str) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in named}
 
 
-def test_zero3_cpu_offload_steps_like_the_unoffloaded_engine(one_rank, tiny_gpt2):
+def test_zero3_cpu_offload_steps_like_the_unoffloaded_engine(gloo_rank, tiny_gpt2):
     offloaded = _zero3_params(tiny_gpt2, "cpu")
     plain = _zero3_params(tiny_gpt2, "none")
     initial = dict(load_model(tiny_gpt2).named_parameters())
@@ -120,7 +105,7 @@ def test_offload_needs_zero3():
 LORA = LoraConfig(r=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 
 
-def test_lora_trains_adapters_and_exports_a_plain_checkpoint(one_rank, tiny_llama, tmp_path):
+def test_lora_trains_adapters_and_exports_a_plain_checkpoint(gloo_rank, tiny_llama, tmp_path):
     phase = _phase(steps=3, lr=5e-2, lora=LORA)
     trainer = Trainer(tiny_llama, phase.train)
     trainable = [n for n, p in trainer.module.named_parameters() if p.requires_grad]
@@ -151,7 +136,7 @@ def test_lora_trains_adapters_and_exports_a_plain_checkpoint(one_rank, tiny_llam
     torch.testing.assert_close(merged_logps, policy, rtol=0, atol=1e-4)
 
 
-def test_lora_adapter_export_loads_with_peft(one_rank, tiny_llama, tmp_path):
+def test_lora_adapter_export_loads_with_peft(gloo_rank, tiny_llama, tmp_path):
     from peft import PeftModel
 
     lora = LORA.model_copy(update={"export": "adapter"})

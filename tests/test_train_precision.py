@@ -83,7 +83,7 @@ def _sft_rows() -> list[SFTExample]:
     return [SFTExample(r["prompt"], r["completion"]) for r in toytask.make_rows(4, seed=2)]
 
 
-def test_bf16_zero0_keeps_fp32_master_weights_and_gradients(one_rank, tiny_gpt2):
+def test_bf16_zero0_keeps_fp32_master_weights_and_gradients(gloo_rank, tiny_gpt2):
     phase = _phase(_sft_rows(), objective="sft", max_steps=1)
     trainer = Trainer(tiny_gpt2, phase.train, dtype="bfloat16")
     assert type(trainer.engine.optimizer).__name__ == "BF16_Optimizer"
@@ -107,7 +107,7 @@ def test_bf16_zero0_keeps_fp32_master_weights_and_gradients(one_rank, tiny_gpt2)
     assert any(not torch.equal(piece, piece.bfloat16().float()) for piece in local.values())
 
 
-def test_bf16_zero0_freeze_leaves_frozen_master_weights_exactly(one_rank, tiny_gpt2):
+def test_bf16_zero0_freeze_leaves_frozen_master_weights_exactly(gloo_rank, tiny_gpt2):
     phase = _phase(_sft_rows(), objective="sft", max_steps=2, lr=1e-2)
     trainer = Trainer(tiny_gpt2, phase.train, dtype="bfloat16")
     trainer.run_phase(phase)  # two steps: AdamW's first moment is non-zero now
