@@ -24,35 +24,6 @@ def tiny_llama(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def one_rank():
-    """A gloo process group of size 1 in the test process, as torchrun would set it up.
-
-    One per session, never re-created: DeepSpeed caches the world group it first sees
-    (`deepspeed.utils.groups._WORLD_GROUP`), so an engine built after a destroy + re-init
-    would use the destroyed group ("Group ... is not registered").
-    """
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-               WORLD_SIZE="1")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session (Ray Data, Serve and Train tests share it)."""
     import ray

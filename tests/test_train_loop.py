@@ -125,7 +125,7 @@ OBJECTIVES = ["sft", "dpo", "weighted_dpo", "ipo", "aot", "aot_unpaired"]
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_each_objective_learns_and_exports(one_rank, tiny_gpt2, tmp_path, objective):
+def test_each_objective_learns_and_exports(gloo_rank, tiny_gpt2, tmp_path, objective):
     kind = {"sft": "sft", "aot_unpaired": "unpaired"}.get(objective, "preference")
     examples = toy_examples(kind)
     if objective == "weighted_dpo":
@@ -158,7 +158,7 @@ def test_each_objective_learns_and_exports(one_rank, tiny_gpt2, tmp_path, object
     assert not torch.allclose(before, after, atol=1e-3), (before, after)
 
 
-def test_precomputed_reference_columns_equal_reference_model(one_rank, tiny_gpt2):
+def test_precomputed_reference_columns_equal_reference_model(gloo_rank, tiny_gpt2):
     examples = toy_examples("preference", 8)
     tok, ref = load_tokenizer(tiny_gpt2), load_model(tiny_gpt2)
     batch = collate_pairs(tok, [e.prompt for e in examples], [e.chosen for e in examples],
@@ -187,7 +187,7 @@ def test_precomputed_reference_columns_equal_reference_model(one_rank, tiny_gpt2
         torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=1e-5)
 
 
-def test_zero_weights_leave_the_policy_unchanged(one_rank, tiny_gpt2):
+def test_zero_weights_leave_the_policy_unchanged(gloo_rank, tiny_gpt2):
     """weighted_dpo reads the weight column: w = 0 gives zero gradients and no Adam update."""
     examples = [dataclasses.replace(e, weight=0.0) for e in toy_examples("preference", 8)]
     phase = make_phase(examples, objective="weighted_dpo", max_steps=2)
@@ -199,7 +199,7 @@ def test_zero_weights_leave_the_policy_unchanged(one_rank, tiny_gpt2):
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
 
 
-def test_non_finite_loss_is_skipped_then_fails(one_rank, tiny_gpt2):
+def test_non_finite_loss_is_skipped_then_fails(gloo_rank, tiny_gpt2):
     examples = toy_examples("preference", 12)
     good = [dataclasses.replace(e, ref_chosen_logps=-20.0, ref_rejected_logps=-20.0)
             for e in examples]
@@ -218,7 +218,7 @@ def test_non_finite_loss_is_skipped_then_fails(one_rank, tiny_gpt2):
         Trainer(tiny_gpt2, cfg).run_phase(phase)
 
 
-def test_resume_equals_uninterrupted_run(one_rank, tiny_gpt2, tmp_path):
+def test_resume_equals_uninterrupted_run(gloo_rank, tiny_gpt2, tmp_path):
     """Stop after 3 of 6 steps (mid-epoch, ZeRO-2, accumulation 2), resume, compare."""
     phase = make_phase(toy_examples("preference", 20), max_steps=6, zero_stage=2,
                        gradient_accumulation_steps=2, micro_batch_size=3, warmup_ratio=0.3)
@@ -262,7 +262,7 @@ def test_pretokenized_rows_give_the_same_micro_batch(tiny_gpt2, objective):
         assert torch.equal(raw.weights, pre.weights)
 
 
-def test_zero3_export_gathers_the_full_weights(one_rank, tiny_gpt2, tmp_path):
+def test_zero3_export_gathers_the_full_weights(gloo_rank, tiny_gpt2, tmp_path):
     """Under ZeRO-3 the module holds empty placeholders; the export must hold the weights,
     equal to a ZeRO-0 run of the same steps."""
     exported = {}
@@ -282,7 +282,7 @@ def test_zero3_export_gathers_the_full_weights(one_rank, tiny_gpt2, tmp_path):
 
 
 @pytest.mark.parametrize("disable", [True, False])
-def test_disable_dropout(one_rank, tiny_gpt2, tmp_path, disable):
+def test_disable_dropout(gloo_rank, tiny_gpt2, tmp_path, disable):
     """A policy with dropout 0.5: two training-mode forwards agree only with dropout off."""
     import json
     import shutil
@@ -301,7 +301,7 @@ def test_disable_dropout(one_rank, tiny_gpt2, tmp_path, disable):
     assert torch.equal(first, second) == disable
 
 
-def test_step_metrics_report_the_padding_share(one_rank, tiny_gpt2):
+def test_step_metrics_report_the_padding_share(gloo_rank, tiny_gpt2):
     """One step of one micro-batch of all 4 pairs: padding = 1 - real tokens / (8 x width)."""
     examples = toy_examples("preference", 4)
     phase = make_phase(examples, max_steps=1, micro_batch_size=4)
