@@ -31,7 +31,7 @@ from pipelines.evaluate import evaluate_stage
 from pipelines.pairs import pairs_stage, sample_stage
 from rayalign import toytask
 from rayalign.config import DataConfig, LDAlignConfig, TrainConfig
-from rayalign.io import read_json
+from rayalign.io import read_json, remove_stray_temps
 from rayalign.report import write_report
 from rayalign.rundir import RunDir, StageRecord
 from rayalign.tiny import build_tiny_checkpoint
@@ -43,6 +43,8 @@ class LDAlignController:
     def __init__(self, cfg: LDAlignConfig, log: Log = print):
         self.cfg, self.log = cfg, log
         self.run = RunDir(cfg.run_dir, cfg.model_dump(mode="json", exclude={"run_dir", "iterations"}))
+        for stray in remove_stray_temps(self.run.root):  # a killed stage's half-written output
+            log(f"removed {stray}, left by an interrupted stage")
 
     def stage(self, name: str, body: Callable[[], tuple[dict, dict]]) -> StageRecord:
         """Run `body` unless the manifest says `name` is done; `body` returns (outputs, metrics)."""

@@ -25,6 +25,7 @@ from rayalign.hbat import (
     run_schedule,
     summary_rows,
 )
+from rayalign.io import remove_stray_temps
 from rayalign.rundir import RunDir
 from rayalign.train import process_group_backend
 
@@ -57,6 +58,7 @@ def run_hbat(cfg: HbatConfig) -> list[dict]:
     prepare_inputs(cfg)
     check_inputs(cfg)
     run = RunDir(cfg.run_dir, fingerprint(cfg))
+    remove_stray_temps(run.root)  # a killed phase's half-written output (no worker runs yet)
     if not run.done(POLICY_STAGE):
         train = cfg.sft  # the engine-level / job fields agree across phases (HbatConfig)
         trainer = TorchTrainer(

@@ -50,7 +50,7 @@ from rayalign import toytask
 from actors.runtime import init_ray
 from rayalign.config import JOB_FIELDS, DataConfig, TrainConfig, TrainJobConfig
 from rayalign.data import load_dataset
-from rayalign.io import read_json, write_json
+from rayalign.io import read_json, remove_stray_temps, write_json
 from rayalign.models import load_tokenizer
 from rayalign.tiny import build_tiny_checkpoint
 from rayalign.train import (
@@ -259,6 +259,8 @@ def train_job(cfg: TrainJobConfig) -> dict:
     ``<output_dir>/ray``; returns the final step metrics.
     """
     out = Path(cfg.output_dir)
+    if out.exists():
+        remove_stray_temps(out)  # a killed run's half-written export or toy data
     policy = cfg.policy.path if cfg.policy is not None else tiny_policy(cfg, out / "base")
     data = cfg.data if cfg.data is not None else toy_data(cfg, out / "data")
     dtype = cfg.policy.dtype if cfg.policy is not None else "auto"

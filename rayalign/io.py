@@ -1,14 +1,16 @@
 """Atomic file and directory writes: a reader never sees a half-written output.
 
-Everything is first written under a temporary sibling name and then renamed into place;
-`os.replace` / `os.rename` are atomic on POSIX filesystems (local disk and NFS), so a job
-killed mid-write leaves at most a stray `*.tmp-*` entry that is ignored and overwritten.
+Everything is first written under a temporary sibling name (``.<name>.tmp-<8 hex>``) and
+then renamed into place; `os.replace` / `os.rename` are atomic on POSIX filesystems (local disk
+and NFS), so a job killed mid-write leaves at most a stray temporary entry, which no reader
+ever opens and `remove_stray_temps` deletes when the job next opens its run directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -17,8 +19,23 @@ from pathlib import Path
 from typing import Any
 
 
+_TMP = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
+
+
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def remove_stray_temps(root: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files / directories a killed writer left anywhere under `root`
+    (call it only where nothing is writing under `root`: a job's driver at start)."""
+    stray = [p for p in Path(root).rglob(".*.tmp-*") if _TMP.match(p.name)]
+    for path in stray:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stray
 
 
 @contextmanager

@@ -29,10 +29,11 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, StrictStr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, StrictStr
 
 from rayalign.config import HTTPServiceConfig
 
@@ -58,6 +59,25 @@ def unicode_text(value: str) -> str:
 
 
 Text = Annotated[StrictStr, AfterValidator(unicode_text)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON's integers: 6.0 is one (JSON Schema), "6" and true are not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _boolean(value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ValueError("must be a boolean")
+    return value
+
+
+# For models with strict=True: an integer as JSON Schema means it, a boolean only as true/false
+# (in Annotated after any Field(...) constraints, so the schema keeps minimum / maximum)
+Integral = BeforeValidator(_integral)
+Bool = BeforeValidator(_boolean)
 
 
 class APIError(HTTPException):
@@ -217,9 +237,23 @@ def _validation_message(err: RequestValidationError) -> tuple[list[dict], str, s
     return errors, text, param
 
 
+def constrain(node: dict, kind: str, **limits: Any) -> None:
+    """Add JSON-schema `limits` to the branches of `node` (itself or its ``anyOf`` members)
+    of JSON type `kind`, so the OpenAPI document states the limits a replica enforces."""
+    for branch in node.get("anyOf", [node]):
+        if branch.get("type") == kind:
+            branch.update(limits)
+
+
+def properties(schema: dict, component: str) -> dict:
+    """The properties of a request model in an OpenAPI document."""
+    return schema["components"]["schemas"][component]["properties"]
+
+
 def install(app: FastAPI, shape: str) -> None:
     """Add the middleware, the error handlers (``shape``: "openai" or "detail") and the
-    OpenAPI bearer scheme to `app`."""
+    OpenAPI bearer scheme to `app`; a replica may set ``app.state.document_limits`` (called
+    with the OpenAPI document once) to state its configured limits there."""
     body = openai_body if shape == "openai" else detail_body
     app.add_middleware(GuardMiddleware)
 
@@ -231,8 +265,8 @@ def install(app: FastAPI, shape: str) -> None:
                                               else None))
         return _response(422, {"detail": errors})
 
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, err: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's, and its body-parsing 400
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
         message = _safe(err.detail, 2000)
         return _response(err.status_code, body(err.status_code, message,
                                                getattr(err, "param", None),
@@ -241,13 +275,16 @@ def install(app: FastAPI, shape: str) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version,
-                                 description=app.description, routes=app.routes)
+                                 description=app.description, routes=app.routes,
+                                 servers=app.servers)
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer"}}
             for path, operations in schema["paths"].items():
                 if path not in PUBLIC_PATHS:
                     for operation in operations.values():
                         operation["security"] = [{"bearer": []}]
+            if getattr(app.state, "document_limits", None) is not None:
+                app.state.document_limits(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

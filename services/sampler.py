@@ -41,7 +41,7 @@ import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,32 +56,32 @@ from rayalign.config import SamplerServiceConfig, SamplingConfig, load_config
 from rayalign.models import load_tokenizer
 from rayalign.sampling import Completion, derive_seed, prompt_token_ids
 from services.http import (
-    APIError, Guard, OpenAIError, Text, deployment_options, error_responses, install, openai_body,
-    resolve_token,
+    APIError, Bool, Guard, Integral, OpenAIError, Text, constrain, deployment_options,
+    error_responses, install, openai_body, properties, resolve_token,
 )
 
-SEED_BOUND = 2**63
+SEED_MAX = 2**53 - 1  # |seed| <= 2^53 - 1: exact in JSON numbers (doubles) and Python ints
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "1" for 1, no 0 for false
 
     model: Text
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    seed: int | None = Field(None, ge=-SEED_BOUND, lt=SEED_BOUND)
+    n: Annotated[int, Field(ge=1), Integral] = 1
+    seed: Annotated[int, Field(ge=-SEED_MAX, le=SEED_MAX), Integral] | None = None
     stop: Text | list[Text] | None = None
-    stream: Literal[False] = False
+    stream: Annotated[Literal[False], Bool] = False
 
 
 class CompletionRequest(_Request):
     prompt: Text | list[Text]
-    max_tokens: int | None = Field(None, gt=0)
+    max_tokens: Annotated[int, Field(ge=1), Integral] | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: Text
@@ -89,8 +89,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
+    max_tokens: Annotated[int, Field(ge=1), Integral] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), Integral] | None = None
 
 
 class Usage(BaseModel):
@@ -161,6 +161,30 @@ class OpenAIIngress:
         self.model_name = cfg.served_model_name or Path(cfg.model_path).name
         self.created = int(time.time())
         app.state.guard = Guard(cfg.http, token, openai_body, "sampler")
+        app.state.document_limits = self._document_limits
+
+    def _document_limits(self, schema: dict) -> None:
+        """State the configured limits in the OpenAPI document: the served model's name,
+        max_tokens, n, prompts and stop strings (prompts x n is checked per request, 400)."""
+        cfg = self.cfg
+        for component in ("CompletionRequest", "ChatCompletionRequest"):
+            fields = properties(schema, component)
+            fields["model"]["enum"] = [self.model_name]
+            for name in ("max_tokens", "max_completion_tokens"):
+                if name in fields:
+                    constrain(fields[name], "integer", maximum=cfg.sampling.max_new_tokens)
+            constrain(fields["n"], "integer", maximum=cfg.max_completions)
+            constrain(fields["stop"], "string", maxLength=cfg.max_stop_chars)
+            constrain(fields["stop"], "array", maxItems=cfg.max_stop)
+            for branch in fields["stop"]["anyOf"]:
+                if branch.get("type") == "array":
+                    branch["items"]["maxLength"] = cfg.max_stop_chars
+        prompt = properties(schema, "CompletionRequest")["prompt"]
+        constrain(prompt, "string", minLength=1)
+        constrain(prompt, "array", minItems=1, maxItems=cfg.max_completions)
+        for branch in prompt["anyOf"]:
+            if branch.get("type") == "array":
+                branch["items"]["minLength"] = 1
 
     @app.get("/v1/models", responses=error_responses(OpenAIError, 401))
     def models(self) -> ModelList:
@@ -182,6 +206,8 @@ class OpenAIIngress:
         prompt = self.tokenizer.apply_chat_template(
             [m.model_dump() for m in request.messages], tokenize=False, add_generation_prompt=True
         )
+        self._check_max_tokens(request.max_tokens, "max_tokens")  # deprecated, still checked
+        self._check_max_tokens(request.max_completion_tokens, "max_completion_tokens")
         max_tokens = request.max_completion_tokens or request.max_tokens
         results, usage = await self._generate(request, [prompt], max_tokens)
         choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text),
@@ -189,11 +215,14 @@ class OpenAIIngress:
         return ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
                                       model=self.model_name, choices=choices, usage=usage)
 
+    def _check_max_tokens(self, value: int | None, field: str) -> None:
+        limit = self.cfg.sampling.max_new_tokens
+        if value is not None and value > limit:
+            raise APIError(400, f"{field} {value} exceeds this server's limit {limit}", field)
+
     def _params(self, request: _Request, max_tokens: int | None) -> SamplingConfig:
         base, cfg = self.cfg.sampling, self.cfg
-        if max_tokens is not None and max_tokens > base.max_new_tokens:
-            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit "
-                                f"{base.max_new_tokens}", "max_tokens")
+        self._check_max_tokens(max_tokens, "max_tokens")
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
         if stop is not None and (len(stop) > cfg.max_stop
                                  or any(len(s) > cfg.max_stop_chars for s in stop)):

@@ -46,13 +46,16 @@ from rayalign.cli import parse_job_config
 from rayalign.config import ScoringConfig, load_config
 from rayalign.guide import SPEC_FILE, GuideModel, pair_distances, resolve_device, unique_pairs
 from services.http import (
-    DetailError, Guard, Text, deployment_options, detail_body, error_responses, install,
-    resolve_token,
+    DetailError, Guard, Text, constrain, deployment_options, detail_body, error_responses, install,
+    properties, resolve_token,
 )
 
 
+SPACE = " \t\n\r\f\v"  # blank = only these (a pattern every JSON-schema tool reads alike)
+
+
 def _not_blank(value: str) -> str:
-    if not value.strip():
+    if not value.strip(SPACE):
         raise ValueError("must not be empty or only whitespace")
     return value
 
@@ -61,7 +64,7 @@ NonBlank = Annotated[Text, AfterValidator(_not_blank)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class DistanceItem(_Body):
@@ -100,7 +103,21 @@ class Health(BaseModel):
 api = FastAPI(title="rayalign latent-distance scoring",
               description="LD-Align guide encoder: latent distances and embeddings.")
 install(api, "detail")
-ERRORS = error_responses(DetailError, 401, 413, 422, 503)
+ERRORS = error_responses(DetailError, 400, 401, 413, 422, 503)
+
+
+def _document_limits(schema: dict, cfg: ScoringConfig) -> None:
+    """State the configured limits in the OpenAPI document (what `_check_sizes` enforces)."""
+    text = {"maxLength": cfg.max_text_chars, "pattern": r"[^ \t\n\r\f\v]"}  # `_not_blank`
+    for component in ("DistanceItem", "PairItem"):
+        for name, node in properties(schema, component).items():
+            constrain(node, "string", **text)
+            constrain(node, "array", maxItems=cfg.max_candidates)
+            if node.get("type") == "array":
+                constrain(node["items"], "string", **text)
+    for path in ("/v1/distances", "/v1/embeddings"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        constrain(body["schema"], "array", maxItems=cfg.max_items)
 
 
 def _check_sizes(items: list[BaseModel], cfg: ScoringConfig) -> None:
@@ -131,6 +148,7 @@ class ScoringService:
         self._embed_pooled.set_max_batch_size(cfg.max_batch_size)
         self._embed_pooled.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         api.state.guard = Guard(cfg.http, token, detail_body, "scoring")
+        api.state.document_limits = lambda schema: _document_limits(schema, cfg)
 
     def _encode(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
         """One forward at a time per replica (it owns its CPUs/GPU); batching decides how

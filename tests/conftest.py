@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +101,26 @@ def gloo_rank():
             os.environ.pop(k)
         else:
             os.environ[k] = v
+
+def processes_with_env(entry: str, needle: bytes = b"") -> list[int]:
+    """PIDs whose environment holds ``entry`` (``KEY=value``) and whose command line contains
+    `needle`: a test's own processes, found by a private value it set, never by name."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit()
+                    and entry.encode() in (proc / "environ").read_bytes().split(b"\0")
+                    and needle in (proc / "cmdline").read_bytes()):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_processes_with_env(entry: str) -> None:
+    """SIGKILL every process `processes_with_env(entry)` finds (a test's leftovers)."""
+    for pid in processes_with_env(entry):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -28,3 +28,11 @@ def test_validation_rejects_a_broken_config():
     broken["available_node_types"]["gpu_1x"]["min_wokers"] = 0
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(broken))
+
+
+def test_a_failed_nfs_mount_stops_the_node_setup():
+    """run_dir on local disk by accident would split a run across nodes: no `|| true`, and
+    the mount is checked after it is made."""
+    (mount,) = [c for c in load()["initialization_commands"] if "mount -t nfs4" in c]
+    assert "|| true" not in mount and mount.count("mountpoint -q /mnt/shared") == 2
+    assert "exit 1" in mount

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import kill_processes_with_env, processes_with_env
 from rayalign.dsops import host_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,19 +41,6 @@ def test_waiting_for_the_host_lock_is_bounded_and_names_the_holder(tmp_path):
         assert path.read_text().startswith(f"{os.getpid()}@")
 
 
-def _processes_with(env_entry: bytes, needle: bytes) -> list[int]:
-    """PIDs whose environment holds `env_entry` and whose command line contains `needle`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if (proc.name.isdigit() and env_entry in (proc / "environ").read_bytes().split(b"\0")
-                    and needle in (proc / "cmdline").read_bytes()):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
 @pytest.mark.slow
 def test_a_worker_killed_while_building_the_op_does_not_hang_the_job(tmp_path):
     """The issue's reproduction: SIGKILL the Ray Train worker while it builds the op; Ray
@@ -62,7 +50,7 @@ def test_a_worker_killed_while_building_the_op_does_not_hang_the_job(tmp_path):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "PYTHONPATH": str(ROOT),
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
-    entry = f"TORCH_EXTENSIONS_DIR={ext}".encode()
+    entry = f"TORCH_EXTENSIONS_DIR={ext}"
     job = subprocess.Popen(
         [sys.executable, "jobs/dpo.py", "--set", f"output_dir={tmp_path / 'out'}",
          "--set", "train.num_workers=1", "--set", "train.max_steps=2",
@@ -75,7 +63,7 @@ def test_a_worker_killed_while_building_the_op_does_not_hang_the_job(tmp_path):
         while not (list(ext.glob(f".build-{OP}-*")) or (ext / OP / "lock").exists()):
             assert job.poll() is None and time.time() < deadline, "the op build never started"
             time.sleep(0.05)
-        workers = _processes_with(entry, b"RayTrainWorker")
+        workers = processes_with_env(entry, b"RayTrainWorker")
         assert workers, "no Ray Train worker found"
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
@@ -87,8 +75,4 @@ def test_a_worker_killed_while_building_the_op_does_not_hang_the_job(tmp_path):
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-        for pid in _processes_with(entry, b""):  # a killed worker's orphaned compilers
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_processes_with_env(entry)  # the job's Ray, a killed worker's orphaned compilers

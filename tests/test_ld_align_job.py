@@ -45,15 +45,16 @@ def head():
     """A `ray start --head --block` cluster with token auth, apart from the session's Ray.
 
     Torn down by signalling its own process group: `ray stop` would stop every Ray on the
-    machine, the test session's shared cluster included."""
+    machine, the test session's shared cluster included; the cluster file it wrote goes too."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     dash = _free_port()
     # Every listening port explicit: a fixed default (the agent's 52365) taken by another Ray
     # on this machine leaves the head without a job agent ("No available agent").
-    ports = [f"--{name}={_free_port()}" for name in (
-        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    gcs_port = _free_port()
+    ports = [f"--port={gcs_port}"] + [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")]
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", *ports, "--num-cpus=4", "--include-dashboard=true",
@@ -72,6 +73,21 @@ def head():
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        _forget_cluster_file(gcs_port)
+
+
+def _forget_cluster_file(gcs_port: int) -> None:
+    """`ray start` wrote its address to Ray's cluster file; once the head is gone, a file
+    naming it would send every later `ray.init("auto")` / `serve run` on this machine to a
+    dead GCS (retrying forever), so remove it, but only if it names this head."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    try:
+        if path.read_text().strip().endswith(f":{gcs_port}"):
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _job(env, *args: str, check=True) -> str:

@@ -1,5 +1,11 @@
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
+from rayalign.io import atomic_file, remove_stray_temps
 from rayalign.rundir import ResumeMismatchError, RunDir, config_hash
 
 
@@ -37,3 +43,25 @@ def test_a_changed_config_is_refused_naming_the_keys_that_changed(tmp_path):
 def test_config_hash_is_order_independent():
     assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 1.5})
+
+
+def test_a_writer_killed_mid_write_leaves_litter_that_the_next_start_removes(tmp_path):
+    target = tmp_path / "iter_000" / "samples.parquet"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from rayalign.io import atomic_file\n"
+        f"with atomic_file({str(target)!r}) as tmp:\n"
+        "    tmp.write_bytes(b'half'); print('writing', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    (stray,) = target.parent.glob(".samples.parquet.tmp-*")
+    keep = [tmp_path / "manifest.json", tmp_path / ".ray_train" / "ckpt" / "x", tmp_path / ".hidden"]
+    for path in keep:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("k")
+    with atomic_file(tmp_path / "guide") as unused:  # a finished write leaves nothing
+        unused.write_text("g")
+    assert remove_stray_temps(tmp_path) == [stray]
+    assert not stray.exists() and all(p.exists() for p in keep)
