@@ -102,6 +102,7 @@ def gloo_rank():
         else:
             os.environ[k] = v
 
+
 def processes_with_env(entry: str, needle: bytes = b"") -> list[int]:
     """PIDs whose environment holds ``entry`` (``KEY=value``) and whose command line contains
     `needle`: a test's own processes, found by a private value it set, never by name."""
