@@ -107,7 +107,8 @@ def cases(args, work: Path):
     for service, label, extra in [(s, label, extra) for s in ("scoring", "sampler")
                                   for label, extra in (("shipped shedding", {}),
                                                        ("no shedding", UNBOUNDED))]:
-        http = shipped[service].model_copy(update={"auth_token": TOKEN, **extra})
+        http = HTTPServiceConfig.model_validate({**shipped[service].model_dump(),
+                                                 "auth_token": TOKEN, **extra})
         if service == "scoring":
             cfg = ScoringConfig(guide_path=guide, http=http, app_name="load-scoring",
                                 route_prefix="/load-scoring", replicas=ResourcesConfig(num_cpus=1))
