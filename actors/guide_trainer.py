@@ -86,7 +86,8 @@ def train_guide(
         torch_config=TorchConfig(backend=process_group_backend(use_gpu)),
         scaling_config=ScalingConfig(
             num_workers=workers.num_actors, use_gpu=use_gpu,
-            resources_per_worker={"CPU": workers.num_cpus, "GPU": workers.num_gpus},
+            resources_per_worker={"CPU": workers.num_cpus, "GPU": workers.num_gpus,
+                                  **workers.resources},
         ),
         run_config=RunConfig(name=f"guide-{uuid.uuid4().hex[:8]}", storage_path=str(storage)),
     )

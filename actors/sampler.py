@@ -27,7 +27,7 @@ import numpy as np
 from ray import serve
 
 from rayalign.config import ResourcesConfig, SamplingConfig
-from rayalign.sampling import Completion, derive_seed, make_engine
+from rayalign.sampling import VLLM_ACTOR_ENV, Completion, derive_seed, make_engine
 
 
 class PolicySampler:
@@ -99,5 +99,7 @@ def sampler_deployment(model_path: str, sampling: SamplingConfig, replicas: Reso
     and request limits (``limits``: Serve's max_ongoing_requests / max_queued_requests)."""
     return serve.deployment(
         SamplerReplica, num_replicas=replicas.num_actors, **(limits or {}),
-        ray_actor_options={"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus},
+        ray_actor_options={"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus,
+                           "resources": dict(replicas.resources),
+                           "runtime_env": {"env_vars": VLLM_ACTOR_ENV}},
     ).bind(model_path, sampling, max_prompt_length, batch_wait_timeout_s)

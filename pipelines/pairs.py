@@ -43,6 +43,7 @@ from pipelines.refs import add_ref_logps
 from rayalign.config import DataConfig, PairsConfig, SamplingConfig
 from rayalign.data import load_dataset
 from rayalign.models import load_tokenizer
+from rayalign.sampling import VLLM_ACTOR_ENV
 from rayalign.weights import distance_mean, ld_align_weights
 
 SAMPLES_SCHEMA = pa.schema([("row", pa.int64()), ("prompt", pa.string()),
@@ -66,6 +67,7 @@ def sample_stage(data: DataConfig, policy_path: str, out_path: str | Path,
     rows = [{"row": i, "prompt": e.prompt, "gold": e.response} for i, e in enumerate(examples)]
     ds = configure(ray.data.from_items(rows), cfg.progress_bars).map_batches(
         PolicySampler, batch_size=sampling.batch_size, **actor_pool(cfg.sampler),
+        runtime_env={"env_vars": VLLM_ACTOR_ENV},
         fn_constructor_kwargs={"model_path": policy_path, "sampling": sampling,
                                "max_prompt_length": data.max_prompt_length},
     )

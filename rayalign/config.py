@@ -93,6 +93,22 @@ class ResourcesConfig(Section):
     )
 
 
+def check_sampler_fits(sampling: SamplingConfig, resources: ResourcesConfig, key: str) -> None:
+    """The sampler actors' GPUs fit vLLM: ``tensor_parallel_size`` GPUs per actor, and on a
+    fractional GPU (actors sharing a card) ``gpu_memory_utilization`` (vLLM's share of the
+    card's memory) no larger than the share of the card the actor holds."""
+    if sampling.engine == "hf" or (sampling.engine == "auto" and resources.num_gpus == 0):
+        return
+    tp = sampling.tensor_parallel_size
+    if resources.num_gpus == 0 or (tp > 1 and resources.num_gpus < tp):
+        raise ValueError(f"{key}.num_gpus ({resources.num_gpus}) must cover "
+                         f"sampling.tensor_parallel_size ({tp}): vLLM runs one shard per GPU")
+    if resources.num_gpus < 1 and sampling.gpu_memory_utilization > resources.num_gpus:
+        raise ValueError(f"sampling.gpu_memory_utilization ({sampling.gpu_memory_utilization}) "
+                         f"exceeds {key}.num_gpus ({resources.num_gpus}): actors sharing a GPU "
+                         "would each claim more of its memory than their share")
+
+
 class PairsConfig(Section):
     """pipelines/pairs.py: SFT rows -> samples -> distances -> weighted pairs + reference log-probs.
 
@@ -150,6 +166,11 @@ class SamplerServiceConfig(Section):
     replicas: ResourcesConfig = Field(
         ResourcesConfig(), description="num_actors sampler replicas, num_cpus / num_gpus each."
     )
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SamplerServiceConfig":
+        check_sampler_fits(self.sampling, self.replicas, "replicas")
+        return self
     http: HTTPServiceConfig = HTTPServiceConfig(auth_token_env="RAYALIGN_SAMPLER_TOKEN")
     max_stop: int = Field(4, ge=0, description="Stop strings per request (OpenAI allows 4).")
     max_stop_chars: int = Field(64, gt=0, description="Characters per stop string.")
@@ -195,6 +216,10 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per training worker, e.g. "
+        "{node_b: 1} to place the workers on the nodes started with that resource.",
+    )
     max_nan_steps: int = Field(3, ge=0, description="Skipped non-finite steps before failing.")
     max_failures: int = Field(1, ge=0, description="Ray Train retries, resuming from checkpoint.")
     startup_timeout_s: float = Field(
@@ -238,7 +263,8 @@ ENGINE_FIELDS = ("zero_stage", "micro_batch_size", "gradient_accumulation_steps"
                  "disable_dropout", "gradient_checkpointing", "attn_implementation", "offload",
                  "lora", "seed")
 # and those plus the settings of the Ray Train job that hosts the engine.
-JOB_FIELDS = ENGINE_FIELDS + ("num_workers", "use_gpu", "cpus_per_worker", "max_failures")
+JOB_FIELDS = ENGINE_FIELDS + ("num_workers", "use_gpu", "cpus_per_worker", "resources_per_worker",
+                              "max_failures")
 
 
 class EWCConfig(Section):
@@ -381,6 +407,8 @@ class LDAlignConfig(Section):
             raise ValueError("data.kind must be sft: LD-Align aligns to an SFT dataset")
         if (self.data is None) != (self.eval_data is None):
             raise ValueError("give data and eval_data together (or neither, for the toy task)")
+        check_sampler_fits(self.sampling, self.pairs.sampler, "pairs.sampler")
+        check_sampler_fits(self.eval_sampling, self.pairs.sampler, "pairs.sampler")
         return self
 
 

@@ -231,6 +231,18 @@ class HFEngine:
         return tokens[:lo]
 
 
+# Ray actors holding vLLM: no V1 engine-core subprocess, so a killed actor cannot leave one
+# holding the GPU (ray-project/ray#54364); set in the actors' runtime_env
+VLLM_ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def vllm_max_model_len(cfg: SamplingConfig, max_prompt_length: int | None) -> int | None:
+    """The longest sequence the sampler can see: the prompt limit plus the new tokens (None
+    without a prompt limit: the model's own context), so vLLM sizes its KV cache for that
+    instead of the model's full context."""
+    return None if max_prompt_length is None else max_prompt_length + cfg.max_new_tokens
+
+
 class VLLMEngine:
     """``vllm.LLM`` with one ``SamplingParams`` per prompt (its seed), prompts passed as token
     ids so they are tokenized exactly as by the HF engine. Needs a GPU; not run in CI."""
@@ -243,6 +255,7 @@ class VLLMEngine:
         self.llm = LLM(
             model=model_path, tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed,
+            max_model_len=vllm_max_model_len(cfg, max_prompt_length),
         )
 
     def generate(
