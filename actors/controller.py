@@ -31,6 +31,7 @@ from pipelines.evaluate import evaluate_stage
 from pipelines.pairs import pairs_stage, sample_stage
 from rayalign import toytask
 from rayalign.config import DataConfig, LDAlignConfig, TrainConfig
+from rayalign.guide_train import informativeness_verdict
 from rayalign.io import read_json, remove_stray_temps
 from rayalign.report import write_report
 from rayalign.rundir import RunDir, StageRecord
@@ -39,10 +40,17 @@ from rayalign.tiny import build_tiny_checkpoint
 Log = Callable[[str], None]
 
 
+class GuideNotInformative(RuntimeError):
+    """The guide's latent is below `guide.min_informativeness`; raised before any pairs."""
+
+
 class LDAlignController:
     def __init__(self, cfg: LDAlignConfig, log: Log = print):
         self.cfg, self.log = cfg, log
-        self.run = RunDir(cfg.run_dir, cfg.model_dump(mode="json", exclude={"run_dir", "iterations"}))
+        # the gate's threshold is not part of the run's identity: changing it resumes the run
+        self.run = RunDir(cfg.run_dir, cfg.model_dump(mode="json", exclude={
+            "run_dir": True, "iterations": True, "guide": {"min_informativeness"}}))
+        self.dtype = cfg.policy.dtype if cfg.policy is not None else "auto"
         for stray in remove_stray_temps(self.run.root):  # a killed stage's half-written output
             log(f"removed {stray}, left by an interrupted stage")
 
@@ -82,8 +90,9 @@ class LDAlignController:
         guide = None
         if cfg.weights == "latent":
             out = run.path("guide")
-            guide = self.stage("guide", lambda: self._guide(train_data, samples, policy, out)
-                               ).outputs["guide"]
+            record = self.stage("guide", lambda: self._guide(train_data, samples, policy, out))
+            self._gate(record.metrics)
+            guide = record.outputs["guide"]
 
         rows = [self._evaluate("theta_0", eval_data, policy, guide, None)]
         for t in range(cfg.iterations):
@@ -92,7 +101,8 @@ class LDAlignController:
             pairs_path = run.path(it, "pairs.parquet")
             pairs = self.stage(f"{it}/pairs", lambda: (
                 {"pairs": pairs_path},
-                pairs_stage(samples, policy, guide, pairs_path, train_data, cfg.pairs)))
+                pairs_stage(samples, policy, guide, pairs_path, train_data, cfg.pairs,
+                            self.dtype)))
             pairs_data = DataConfig(path=pairs.outputs["pairs"], kind="preference",
                                     max_prompt_length=train_data.max_prompt_length,
                                     max_length=train_data.max_length)
@@ -119,29 +129,42 @@ class LDAlignController:
         return outputs, {}
 
     def _guide(self, data: DataConfig, samples: str, policy: str, out: Path) -> tuple[dict, dict]:
-        """Train T = (phi, psi) on D and theta_0's samples; report its latent informativeness
-        (reconstruction NLL with the true latent vs a shuffled one: the gap must be > 0)."""
+        """Train T = (phi, psi) on D and theta_0's samples (prompts rendered by the policy's
+        tokenizer); report both latent informativeness figures (rayalign/guide_train.py)."""
         cfg = self.cfg
-        path = train_guide(data, samples, cfg.guide.model or policy, out, cfg.guide, cfg.guide_workers)
+        path = train_guide(data, samples, cfg.guide.model or policy, out, cfg.guide,
+                           cfg.guide_workers, render_model=policy, log=self.log)
         metrics = read_json(Path(path) / METRICS_FILE)
-        info = metrics["informativeness"]
-        return {"guide": path}, {"informativeness_gap": info["gap"], "nll_true": info["nll_true"],
-                                 "nll_shuffled": info["nll_shuffled"],
-                                 "train_loss": metrics["train_loss"]}
+        across, within = metrics["informativeness"], metrics["within_prompt"]
+        return {"guide": path}, {
+            "within_prompt_gap": within["gap"], "within_prompt_rows": within["rows"],
+            "within_nll_true": within["nll_true"], "within_nll_swapped": within["nll_swapped"],
+            "informativeness_gap": across["gap"], "nll_true": across["nll_true"],
+            "nll_shuffled": across["nll_shuffled"], "train_loss": metrics["train_loss"],
+            "peak_rss_gb": metrics["peak_rss_gb"]}
+
+    def _gate(self, metrics: dict) -> None:
+        """Stop before building pairs when the latent cannot tell a prompt's answers apart."""
+        verdict = informativeness_verdict(metrics["within_prompt_gap"],
+                                          metrics["informativeness_gap"],
+                                          self.cfg.guide.min_informativeness)
+        if verdict is not None:
+            raise GuideNotInformative(verdict)
 
     def _train(self, name: str, train: TrainConfig, data: DataConfig, policy: str,
                out: Path) -> tuple[dict, dict]:
         """One Ray Train job; its checkpoints live under the run directory, per stage name,
         so Ray Train's own retries resume within the stage."""
         metrics = run_training(train, data, policy, out, storage=self.run.path(".ray_train"),
-                               name=name)
+                               dtype=self.dtype, name=name)
         return {"policy": out}, metrics
 
     def _samples(self, t: int, data: DataConfig, policy: str) -> str:
         path = self.run.path(f"iter_{t:03d}", "samples.parquet")
         return self.stage(f"iter_{t:03d}/samples", lambda: (
             {"samples": path},
-            sample_stage(data, policy, path, self._sampling(t), self.cfg.pairs))).outputs["samples"]
+            sample_stage(data, policy, path, self._sampling(t), self.cfg.pairs, self.dtype)
+        )).outputs["samples"]
 
     def _sampling(self, t: int):
         """Iteration t samples with seed + t: fresh randomness per iteration, reproducible."""
@@ -152,7 +175,8 @@ class LDAlignController:
         path = self.run.path("eval", f"{name}.parquet")
         record = self.stage(f"eval/{name}", lambda: (
             {"scored": path},
-            evaluate_stage(data, policy, guide, path, self.cfg.eval_sampling, self.cfg.pairs)))
+            evaluate_stage(data, policy, guide, path, self.cfg.eval_sampling, self.cfg.pairs,
+                           self.dtype)))
         row = {"policy": name, "eval_exact_match": record.metrics["exact_match"],
                "eval_mean_distance": record.metrics.get("mean_distance"), "scored": record.outputs["scored"]}
         for key, source in (("loss", "loss"), ("reward_margin", "margin"),

@@ -34,9 +34,9 @@ class PolicySampler:
     """One sampling engine on this actor's device."""
 
     def __init__(self, model_path: str, sampling: SamplingConfig,
-                 max_prompt_length: int | None = None, device: str = "auto"):
+                 max_prompt_length: int | None = None, device: str = "auto", dtype: str = "auto"):
         self.sampling = sampling
-        self.engine = make_engine(model_path, sampling, max_prompt_length, device)
+        self.engine = make_engine(model_path, sampling, max_prompt_length, device, dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]

@@ -29,10 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     from actors.runtime import init_ray
 
     init_ray()
-    out = train_guide(cfg.sft, cfg.samples, cfg.base_model, cfg.out_dir, cfg.guide, cfg.workers)
-    info = json.loads((out / METRICS_FILE).read_text())["informativeness"]
-    print(f"guide: {out}  informativeness gap {info['gap']:.3f} nats/token "
-          f"(nll true h {info['nll_true']:.3f}, shuffled h {info['nll_shuffled']:.3f})")
+    out = train_guide(cfg.sft, cfg.samples, cfg.base_model, cfg.out_dir, cfg.guide, cfg.workers,
+                      render_model=cfg.policy, log=lambda line: print(line, flush=True))
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    across, within = metrics["informativeness"], metrics["within_prompt"]
+    print(f"guide: {out}  informativeness within a prompt {within['gap']:.3f} nats/token "
+          f"(nll own h {within['nll_true']:.3f}, other answer's h {within['nll_swapped']:.3f}), "
+          f"across prompts {across['gap']:.3f} (nll true h {across['nll_true']:.3f}, "
+          f"shuffled h {across['nll_shuffled']:.3f}); worker peak RSS "
+          f"{metrics['peak_rss_gb']:.2f} GiB")
     return 0
 
 

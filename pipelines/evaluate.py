@@ -22,14 +22,15 @@ SCORED_SCHEMA = pa.schema([("row", pa.int64()), ("prompt", pa.string()), ("gold"
 
 
 def evaluate_stage(data: DataConfig, policy_path: str, guide_path: str | None,
-                   out_path: str | Path, sampling: SamplingConfig, cfg: PairsConfig) -> dict:
+                   out_path: str | Path, sampling: SamplingConfig, cfg: PairsConfig,
+                   dtype: str = "auto") -> dict:
     """Sample `data`'s prompts with `policy_path`, score against gold, write `out_path`
     (row, prompt, gold, sample, distance) and return exact match and mean distance."""
     import ray.data
 
     out_path = Path(out_path)
     samples = out_path.with_name(out_path.stem + ".samples.parquet")
-    sample_stage(data, policy_path, samples, sampling, cfg)
+    sample_stage(data, policy_path, samples, sampling, cfg, dtype)
     ds = configure(ray.data.read_parquet(str(samples)), cfg.progress_bars)
     if guide_path is None:
         ds = ds.map_batches(lambda b: b.append_column("distance", pa.nulls(b.num_rows, pa.float64())),

@@ -56,8 +56,9 @@ PAIRS_SCHEMA = pa.schema([
 
 
 def sample_stage(data: DataConfig, policy_path: str, out_path: str | Path,
-                 sampling: SamplingConfig, cfg: PairsConfig) -> dict:
-    """Validate the SFT file, sample from `policy_path`, write ``samples.parquet``; stats."""
+                 sampling: SamplingConfig, cfg: PairsConfig, dtype: str = "auto") -> dict:
+    """Validate the SFT file, sample from `policy_path` (weights in `dtype`, a ModelConfig
+    dtype name), write ``samples.parquet``; stats."""
     import ray.data
 
     if data.kind != "sft":
@@ -69,7 +70,7 @@ def sample_stage(data: DataConfig, policy_path: str, out_path: str | Path,
         PolicySampler, batch_size=sampling.batch_size, **actor_pool(cfg.sampler),
         runtime_env={"env_vars": VLLM_ACTOR_ENV},
         fn_constructor_kwargs={"model_path": policy_path, "sampling": sampling,
-                               "max_prompt_length": data.max_prompt_length},
+                               "max_prompt_length": data.max_prompt_length, "dtype": dtype},
     )
     written = write_single_parquet(ds, out_path, SAMPLES_SCHEMA)
     return {"sft_rows": len(examples), "samples": written, "seconds": round(time.time() - start, 3)}
@@ -92,14 +93,16 @@ def _weigh(batch: pa.Table, mean: float | None) -> pa.Table:
 
 
 def pairs_stage(samples_path: str | Path, policy_path: str, guide_path: str | None,
-                out_path: str | Path, data: DataConfig, cfg: PairsConfig) -> dict:
+                out_path: str | Path, data: DataConfig, cfg: PairsConfig,
+                dtype: str = "auto") -> dict:
     """``samples.parquet`` -> scored, weighted ``pairs.parquet`` with reference log-probs
-    under `policy_path` (the policy that sampled); `guide_path` None = uniform weights."""
+    under `policy_path` (the policy that sampled, in `dtype`); `guide_path` None = uniform
+    weights."""
     import ray.data
 
     start = time.time()
     ds = configure(ray.data.read_parquet(str(samples_path)), cfg.progress_bars)
-    stats: dict = {}
+    stats: dict = {"policy_dtype": dtype}
     mean = None
     if guide_path is not None:
         from actors.scorer import GuideScorer
@@ -115,8 +118,9 @@ def pairs_stage(samples_path: str | Path, policy_path: str, guide_path: str | No
         mean = distance_mean(distances)
         stats.update(distance_mean=mean, distance_min=float(distances.min()),
                      distance_max=float(distances.max()))
+        stats.update(_sanity(ds, cfg))
     ds = ds.map_batches(_as_pairs, batch_format="pyarrow", batch_size=None)
-    ds = add_ref_logps(ds, policy_path, data, cfg.refs, cfg.refs_batch_size)
+    ds = add_ref_logps(ds, policy_path, data, cfg.refs, cfg.refs_batch_size, dtype)
     ds = ds.map_batches(_weigh, fn_kwargs={"mean": mean}, batch_format="pyarrow", batch_size=None)
     stats["pairs"] = write_single_parquet(ds, out_path, PAIRS_SCHEMA)
     stats["seconds"] = round(time.time() - start, 3)
@@ -124,12 +128,12 @@ def pairs_stage(samples_path: str | Path, policy_path: str, guide_path: str | No
 
 
 def build_pairs(data: DataConfig, policy_path: str, guide_path: str | None, out_dir: str | Path,
-                sampling: SamplingConfig, cfg: PairsConfig) -> dict:
+                sampling: SamplingConfig, cfg: PairsConfig, dtype: str = "auto") -> dict:
     """Both stages: ``out_dir/samples.parquet`` then ``out_dir/pairs.parquet``; their stats."""
     out_dir = str(out_dir).rstrip("/")  # a local path or a URI (Path would mangle s3://)
     samples = f"{out_dir}/samples.parquet"
     return {
-        "sample": sample_stage(data, policy_path, samples, sampling, cfg),
+        "sample": sample_stage(data, policy_path, samples, sampling, cfg, dtype),
         "pairs": pairs_stage(samples, policy_path, guide_path, f"{out_dir}/pairs.parquet",
-                             data, cfg),
+                             data, cfg, dtype),
     }

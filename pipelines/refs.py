@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from rayalign.config import DataConfig, ResourcesConfig
+from rayalign.config import DataConfig, ModelConfig, ResourcesConfig
 from rayalign.data import collate, collate_pairs, encode, load_dataset
 from rayalign.logprobs import sequence_logprobs
 from rayalign.models import load_model, load_tokenizer
@@ -33,12 +33,12 @@ class ReferenceLogps:
     """The reference model on this actor's device ("auto" = cuda when the actor has a GPU)."""
 
     def __init__(self, model_path: str, max_prompt_length: int, max_length: int,
-                 device: str = "auto"):
+                 device: str = "auto", dtype: str = "auto"):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device, self.max_prompt_length, self.max_length = device, max_prompt_length, max_length
         self.tokenizer = load_tokenizer(model_path)
-        self.model = load_model(model_path, device)
+        self.model = load_model(ModelConfig(path=str(model_path), dtype=dtype), device)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,12 +64,13 @@ class ReferenceLogps:
 
 
 def add_ref_logps(ds, model_path: str, data: DataConfig, resources: ResourcesConfig,
-                  batch_size: int):
-    """`ds` with the reference log-prob column(s) appended, by an actor pool from `resources`."""
+                  batch_size: int, dtype: str = "auto"):
+    """`ds` with the reference log-prob column(s) appended, by an actor pool from `resources`
+    (the model's weights in `dtype`, a ModelConfig dtype name)."""
     return ds.map_batches(
         ReferenceLogps, batch_size=batch_size, **actor_pool(resources),
         fn_constructor_kwargs={"model_path": model_path, "max_prompt_length": data.max_prompt_length,
-                               "max_length": data.max_length},
+                               "max_length": data.max_length, "dtype": dtype},
     )
 
 

@@ -286,10 +286,12 @@ class EWCConfig(Section):
 class GuideConfig(Section):
     """LD-Align's guide autoencoder T = (phi, psi) and its training recipe (rayalign/guide.py).
 
-    The defaults guard against a decoder that ignores the latent: a small latent
-    (`latent_dim`) and word dropout on the decoder's copy of the response, so psi cannot
-    reconstruct y from its own previous tokens alone. Every trained guide reports the
-    resulting latent informativeness (bench/results/scoring.md has the figures).
+    The defaults guard against a decoder that ignores the latent (posterior collapse): a weak
+    decoder (`decoder_layers` blocks of the checkpoint), h injected at every decoder position
+    (`injection`), word dropout on the decoder's copy of the response, a small latent. Every
+    trained guide reports its latent informativeness across and within prompts, and the job
+    stops before building pairs when the within-prompt figure is below `min_informativeness`
+    (bench/results/real_model.md has the figures).
     """
 
     model: str | None = Field(
@@ -301,10 +303,21 @@ class GuideConfig(Section):
         "config = random init from its config."
     )
     latent_dim: int = Field(16, gt=0, description="d: dimension of h = phi(x, y).")
+    encoder_layers: int | None = Field(
+        None, gt=0, description="Transformer blocks of the checkpoint phi reads with; None = all.")
+    train_encoder: bool = Field(
+        False, description="Train phi's trunk too; false = frozen pretrained trunk + a trained "
+        "projection (features computed once per run instead of once per epoch).")
+    decoder_layers: int | None = Field(
+        2, gt=0, description="Blocks of the checkpoint psi keeps (a weak decoder must use h); "
+        "None = all.")
+    injection: Literal["prefix", "embedding", "both"] = Field(
+        "both", description="How h reaches psi: prefix = k prefix embeddings; embedding = added "
+        "to every input embedding (Optimus); both.")
     prefix_tokens: int = Field(4, gt=0, description="k: prefix embeddings h is projected to for psi.")
     pooling: Literal["last", "mean"] = Field(
-        "last", description="last = hidden state of the last token of [x; y] (causal: it has seen "
-        "all of them); mean = mean over the response tokens."
+        "mean", description="mean = mean of phi's final hidden states over the response tokens; "
+        "last = hidden state of the last token of [x; y] (causal: it has seen all of them)."
     )
     word_dropout: float = Field(
         0.5, ge=0.0, lt=1.0,
@@ -312,12 +325,21 @@ class GuideConfig(Section):
     )
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Linear warmup share of the "
+                                "steps, then linear decay to 0.")
     epochs: int = Field(8, ge=1)
-    batch_size: int = Field(16, gt=0, description="(prompt, response) rows per worker per step.")
+    batch_size: int = Field(8, gt=0, description="(prompt, response) rows per worker per step.")
     max_grad_norm: float = Field(1.0, gt=0.0)
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
+                                         "backward (less memory, ~30% more time).")
     eval_fraction: float = Field(
-        0.1, gt=0.0, lt=1.0, description="Held-out share of rows for the informativeness metric."
+        0.1, gt=0.0, lt=1.0, description="Held-out share of prompts for the informativeness figures."
     )
+    min_informativeness: float | None = Field(
+        0.02, description="Stop before building pairs when the within-prompt informativeness gap "
+        "(nats/token) is below this; null = never stop.")
+    save_decoder: bool = Field(False, description="Keep psi in the saved guide (scoring needs "
+                               "only phi).")
     seed: int = 0
 
 
@@ -329,6 +351,9 @@ class GuideJobConfig(Section):
                          json_schema_extra={"input": "rows"})
     base_model: str = Field(description="Checkpoint phi and psi start from unless guide.model "
                             "is set.", json_schema_extra=MODEL_INPUT)
+    policy: str | None = Field(
+        None, description="Checkpoint whose chat template renders `messages` rows of sft (the "
+        "policy that wrote the samples); None = base_model.", json_schema_extra=MODEL_INPUT)
     out_dir: str = Field(description="Guide checkpoint + metrics.json are written here atomically.")
     guide: GuideConfig = GuideConfig()
     workers: ResourcesConfig = Field(

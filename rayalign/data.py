@@ -159,6 +159,11 @@ class _Row:
             return ""
         if self.tokenizer is None:
             raise self.error(field, "message lists need a tokenizer with a chat template")
+        if not getattr(self.tokenizer, "chat_template", None):
+            name = getattr(self.tokenizer, "name_or_path", "") or "the tokenizer"
+            raise self.error(field, f"message lists need a chat template to render the prompt, "
+                                    f"and {name} has none: use a chat model as policy.path (its "
+                                    f"template renders every prompt) or prompt/completion rows")
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )

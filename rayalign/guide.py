@@ -1,60 +1,74 @@
-"""LD-Align's guide model: a conditional autoencoder T = (phi, psi) (LD-Align Sec. 4.1).
+"""LD-Align's guide model: a conditional autoencoder T = (phi, psi) (LD-Align Sec. 4.1, Eq. 2).
 
-- phi (encoder): a causal-LM transformer reads [x; y] (prompt and response tokens exactly as
-  `rayalign.data.encode` makes them, response + EOS); its final hidden states are pooled and a
-  linear map gives h = phi(x, y) in R^d. Pooling `last` takes the hidden state of the last
-  non-pad token, the only one that has attended to all of [x; y] in a causal model; `mean`
-  averages the hidden states of the response tokens.
-- psi (decoder): a causal LM that gets h as k prefix embeddings (linear d -> k * hidden)
-  before [x; y] and is scored by the log-likelihood of the response tokens only.
+- phi (encoder): a causal-LM trunk (the first `encoder_layers` blocks of the checkpoint) reads
+  [x; y] (prompt and response tokens exactly as `rayalign.data.encode` makes them, response +
+  EOS); its final hidden states are pooled and a linear map gives h = phi(x, y) in R^d.
+  Pooling `mean` averages the hidden states of the response tokens; `last` takes the hidden
+  state of the last non-pad token (in a causal model the only one that has seen all of [x; y]).
+- psi (decoder): a causal LM built from the checkpoint's first `decoder_layers` blocks (and
+  its embeddings, final norm and output head, frozen). h reaches *every* position, as in
+  Optimus (Li et al. 2020, "latent as embedding"): W_e h is added to each input embedding of
+  [x; y], and `prefix_tokens` > 0 also prepends k embeddings W_p h that every layer attends to.
+  psi is scored by the log-likelihood of the response tokens only.
 - Loss (Eq. 2): -[log p_psi(y | x, phi(x, y)) + log p_psi(y' | x, phi(x, y'))] over SFT gold
   responses y and samples y' of theta_0, here as the mean NLL per response token.
 - Distance (Sec. 4.2.2): s(x, y, y') = ||phi(x, y) - phi(x, y')||_2.
 
-A decoder that can reconstruct y from x and its own previous tokens ignores h, and then
-distances mean nothing (DESIGN.md, "Guide model"). The training recipe therefore (1) zeroes
-the input embedding of a random `word_dropout` share of the response tokens that psi reads
-(the labels stay intact), so psi must take the missing content from h; (2) keeps the latent
-small (`latent_dim`), so phi must summarise rather than copy. `informativeness` measures the
-result: reconstruction NLL with the true h vs with h given to another row (a derangement);
-a positive gap means psi uses h.
+Why this design (posterior collapse). A strong pretrained decoder reconstructs y from x and its
+own previous tokens and ignores h (Bowman et al. 2016; Optimus; measured here: SmolLM2-135M
+with the latent as 4 prefix tokens, full 30-block decoder, gap -0.0002 nats/token). Following
+the standard remedies: (1) a *weak decoder* (Yang et al. 2017; here `decoder_layers` = 2 of
+30 blocks), which can model local syntax but needs h for content; (2) word dropout on psi's
+copy of y (Bowman et al. 2016: `word_dropout` of the response input embeddings are zeroed,
+labels intact); (3) h injected at every position, not only as a prefix (Optimus), so the
+signal is not diluted with depth. The encoder trunk is frozen by default (`train_encoder`
+false): phi = pretrained features + a trained projection, so its rows are encoded once per
+training run instead of once per epoch (the dominant cost on a CPU), and the distance keeps
+the pretrained model's semantics (the §5.2 check, bench/results/real_model.md). The
+ablation behind these defaults is in bench/results/real_model.md.
 
-On disk (`GuideModel.save`): ``encoder/`` and ``decoder/`` are ordinary Hugging Face
-checkpoints (with the tokenizer), ``projections.safetensors`` holds the two linear maps, and
-``guide.json`` the `GuideSpec` (including a content hash of the encoder side as `version`).
+`informativeness` (across prompts: h of another row) and `within_prompt_informativeness`
+(gold vs sample of the same prompt, the contrast the distance must resolve) measure the result
+(rayalign/guide_train.py).
+
+On disk (`GuideModel.save`): ``encoder/`` is an ordinary Hugging Face checkpoint (the trunk,
+cut to `encoder_layers` blocks, with the tokenizer), ``projections.safetensors`` the linear
+maps, ``guide.json`` the `GuideSpec` (including a content hash of the encoder side as
+`version`); ``decoder/`` only when saved with the decoder (`guide.save_decoder`), since
+scoring needs phi alone.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import DataConfig, GuideConfig, ModelConfig
-from .data import DataError, SequenceBatch, collate, encode, load_dataset, read_rows
+from .config import GuideConfig, ModelConfig
+from .data import SequenceBatch, collate, encode
 from .io import atomic_dir, read_json, write_json
 from .logprobs import logprobs_at
 from .models import load_model, load_tokenizer, save_checkpoint
 
 SPEC_FILE = "guide.json"
 PROJECTIONS_FILE = "projections.safetensors"
-SAMPLE_COLUMNS = ("prompt", "gold", "sample")
+HEADS = ("to_latent", "to_prefix", "to_embedding")
 
 
 @dataclass(frozen=True)
 class GuideSpec:
-    """Everything besides weights that embedding needs; written to guide.json."""
+    """Everything besides weights that embedding and decoding need; written to guide.json."""
 
     latent_dim: int
     prefix_tokens: int
     pooling: str
     max_prompt_length: int
     max_length: int
+    inject_embedding: bool = False
     version: str = ""
 
 
@@ -62,12 +76,35 @@ def _hidden_size(lm: nn.Module) -> int:
     return lm.get_input_embeddings().embedding_dim
 
 
-def _build_lm(path: str, init: str) -> nn.Module:
-    if init == "pretrained":
-        return load_model(ModelConfig(path=path, dtype="float32"), trainable=True)
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _blocks(lm: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """The transformer's list of blocks (GPT-2 ``transformer.h``, Llama ``model.layers``, ...)."""
+    n = lm.config.num_hidden_layers
+    for name, child in lm.base_model.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) == n:
+            return lm.base_model, name, child
+    raise ValueError(f"{type(lm).__name__}: no list of {n} transformer blocks found")
 
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+def truncate_blocks(lm: nn.Module, n: int | None) -> nn.Module:
+    """Keep the first `n` blocks (None: all); the config follows, so save/load round-trips."""
+    parent, name, blocks = _blocks(lm)
+    if n is None or n >= len(blocks):
+        return lm
+    setattr(parent, name, nn.ModuleList(list(blocks)[:n]))
+    lm.config.num_hidden_layers = n
+    if isinstance(getattr(lm.config, "layer_types", None), list):
+        lm.config.layer_types = lm.config.layer_types[:n]
+    return lm
+
+
+def _build_lm(path: str, init: str, blocks: int | None) -> nn.Module:
+    if init == "pretrained":
+        lm = load_model(ModelConfig(path=path, dtype="float32"), trainable=True)
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return truncate_blocks(lm, blocks)
 
 
 class _Pretokenized:
@@ -94,29 +131,44 @@ class GuideModel(nn.Module):
         self.encoder = encoder
         self.to_latent = nn.Linear(_hidden_size(encoder), spec.latent_dim)
         self.decoder = decoder
-        self.to_prefix = (
-            nn.Linear(spec.latent_dim, spec.prefix_tokens * _hidden_size(decoder))
-            if decoder is not None else None
-        )
-        self.to_latent.to(next(encoder.parameters()))
+        self.to_prefix = self.to_embedding = None
         if decoder is not None:
-            self.to_prefix.to(next(decoder.parameters()))
+            width = _hidden_size(decoder)
+            if spec.prefix_tokens > 0:
+                self.to_prefix = nn.Linear(spec.latent_dim, spec.prefix_tokens * width)
+            if spec.inject_embedding:
+                self.to_embedding = nn.Linear(spec.latent_dim, width)
+            for head in (self.to_prefix, self.to_embedding):
+                if head is not None:
+                    head.to(next(decoder.parameters()))
+        self.to_latent.to(next(encoder.parameters()))
 
     # ---- construction and persistence -------------------------------------------------
 
     @classmethod
     def create(cls, cfg: GuideConfig, base_model: str, max_prompt_length: int,
                max_length: int) -> "GuideModel":
-        """A fresh guide: phi and psi start from `cfg.model` (or `base_model`), seeded by cfg.seed."""
+        """A fresh guide: phi and psi start from `cfg.model` (or `base_model`), seeded by cfg.seed.
+
+        Frozen: phi's trunk unless `cfg.train_encoder`; psi's embeddings and output head always
+        (they keep the pretrained vocabulary geometry, and are most of a small model's weights:
+        no [V, H] gradient or optimizer state)."""
         path = cfg.model or base_model
         torch.manual_seed(cfg.seed)
-        encoder, decoder = _build_lm(path, cfg.init), _build_lm(path, cfg.init)
+        encoder = _build_lm(path, cfg.init, cfg.encoder_layers)
+        decoder = _build_lm(path, cfg.init, cfg.decoder_layers)
+        encoder.requires_grad_(cfg.train_encoder)
         # phi never uses its LM head; an untied head would get no gradient (and stall DDP).
-        head = encoder.get_output_embeddings()
-        if head is not None and head.weight is not encoder.get_input_embeddings().weight:
-            head.requires_grad_(False)
+        encoder.get_output_embeddings().requires_grad_(False)
+        decoder.get_input_embeddings().requires_grad_(False)
+        decoder.get_output_embeddings().requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            for lm in (encoder, decoder):
+                lm.gradient_checkpointing_enable()
         spec = GuideSpec(cfg.latent_dim, cfg.prefix_tokens, cfg.pooling, max_prompt_length,
-                         max_length)
+                         max_length, cfg.injection in ("embedding", "both"))
+        if cfg.injection == "embedding":
+            spec = replace(spec, prefix_tokens=0)
         return cls(encoder, decoder, load_tokenizer(path), spec)
 
     @classmethod
@@ -130,7 +182,8 @@ class GuideModel(nn.Module):
             raise FileNotFoundError(f"{path}: not a guide checkpoint (no {SPEC_FILE})")
         spec = GuideSpec(**read_json(path / SPEC_FILE))
         if decoder and not (path / "decoder").is_dir():
-            raise FileNotFoundError(f"{path}: encoder-only guide has no decoder/")
+            raise FileNotFoundError(f"{path}: this guide was saved without its decoder "
+                                    f"(guide.save_decoder: true keeps it)")
         # float32 on every device: the guide is trained in float32 (`_build_lm`), and scoring
         # in bf16 on a GPU would give other distances (so other weights) than on the CPU
         guide = cls(
@@ -140,22 +193,25 @@ class GuideModel(nn.Module):
             load_tokenizer(path / "encoder"), spec,
         )
         state = load_file(str(path / PROJECTIONS_FILE), device=str(torch.device(device)))
-        heads = [("to_latent", guide.to_latent)] + ([("to_prefix", guide.to_prefix)] if decoder else [])
-        for name, head in heads:
-            head.load_state_dict({k.removeprefix(name + "."): v for k, v in state.items()
-                                  if k.startswith(name + ".")})
+        for name in HEADS:
+            head = getattr(guide, name)
+            if head is not None:
+                head.load_state_dict({k.removeprefix(name + "."): v for k, v in state.items()
+                                      if k.startswith(name + ".")})
         return guide.eval()
 
-    def save(self, path: str | Path) -> Path:
-        """Atomically write the checkpoint directory; `spec.version` becomes a hash of phi."""
+    def save(self, path: str | Path, decoder: bool = True) -> Path:
+        """Atomically write the checkpoint directory (psi only if `decoder`); `spec.version`
+        becomes a hash of phi."""
         from safetensors.torch import save_file
 
+        keep = ("to_latent.",) + (("to_prefix.", "to_embedding.") if decoder else ())
         with atomic_dir(path) as tmp:
             save_checkpoint(self.encoder, self.tokenizer, tmp / "encoder")
-            if self.decoder is not None:
+            if decoder and self.decoder is not None:
                 save_checkpoint(self.decoder, self.tokenizer, tmp / "decoder")
             heads = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-                     if k.startswith(("to_latent.", "to_prefix."))}
+                     if k.startswith(keep)}
             save_file(heads, str(tmp / PROJECTIONS_FILE))
             digest = hashlib.sha256()
             for f in sorted((tmp / "encoder").glob("*.safetensors")):
@@ -173,33 +229,39 @@ class GuideModel(nn.Module):
 
     # ---- phi and psi -------------------------------------------------------------------
 
+    def encode_pairs(self, prompts: Sequence[str], responses: Sequence[str]) -> list:
+        """(prompt_ids, response_ids) per pair under the guide's truncation limits."""
+        tokenizer = _Pretokenized(self.tokenizer, [*prompts, *responses])
+        return [encode(tokenizer, p, r, self.spec.max_prompt_length, self.spec.max_length)
+                for p, r in zip(prompts, responses, strict=True)]
+
     def tokenize(self, prompts: Sequence[str], responses: Sequence[str]) -> SequenceBatch:
         """One right-padded batch of [x; y + EOS] under the guide's truncation limits."""
-        tokenizer = _Pretokenized(self.tokenizer, [*prompts, *responses])
-        seqs = [encode(tokenizer, p, r, self.spec.max_prompt_length, self.spec.max_length)
-                for p, r in zip(prompts, responses, strict=True)]
-        return collate(seqs, self.tokenizer.pad_token_id).to(self.device)
+        return collate(self.encode_pairs(prompts, responses),
+                       self.tokenizer.pad_token_id).to(self.device)
 
-    def encode_batch(self, batch: SequenceBatch) -> torch.Tensor:
-        """phi: h [B, d] from the pooled final hidden states of [x; y]."""
+    def features(self, batch: SequenceBatch) -> torch.Tensor:
+        """phi's trunk, pooled: [B, H] (h = to_latent of this)."""
         hidden = self.encoder.base_model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
         if self.spec.pooling == "last":
             last = batch.attention_mask.sum(-1) - 1
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        else:
-            mask = batch.response_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return self.to_latent(pooled)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        mask = batch.response_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def encode_batch(self, batch: SequenceBatch) -> torch.Tensor:
+        """phi: h [B, d]."""
+        return self.to_latent(self.features(batch))
 
     def response_logprobs(
         self, h: torch.Tensor, batch: SequenceBatch, word_dropout: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """psi: sum of log p(y_t | k prefix embeddings of h, x, y_<t) over response tokens (B,)
-        and the response token counts (B,). `word_dropout` zeroes that share of the response
-        tokens' input embeddings (never the labels)."""
+        """psi: sum of log p(y_t | h, x, y_<t) over response tokens (B,) and the response
+        token counts (B,). `word_dropout` zeroes that share of the response tokens' input
+        embeddings (never the labels); W_e h is then added at every position."""
         if self.decoder is None:
             raise RuntimeError("this guide was loaded without its decoder")
         bsz, k = batch.input_ids.shape[0], self.spec.prefix_tokens
@@ -208,29 +270,38 @@ class GuideModel(nn.Module):
             drop = torch.rand(batch.input_ids.shape, generator=generator).to(embeds.device)
             drop = (drop < word_dropout) & batch.response_mask
             embeds = embeds.masked_fill(drop.unsqueeze(-1), 0.0)
-        prefix = self.to_prefix(h.to(embeds.dtype)).view(bsz, k, -1)
-        ones = batch.attention_mask.new_ones(bsz, k)
-        # Same shift as rayalign.logprobs.sequence_logprobs, with k unscored prefix positions.
-        ids = torch.cat([batch.input_ids.new_zeros(bsz, k), batch.input_ids], dim=1)
-        scored = torch.cat([batch.response_mask.new_zeros(bsz, k), batch.response_mask], dim=1)
+        h = h.to(embeds.dtype)
+        if self.to_embedding is not None:
+            embeds = embeds + self.to_embedding(h).unsqueeze(1)
+        ids, scored, attention = batch.input_ids, batch.response_mask, batch.attention_mask
+        if k > 0:
+            embeds = torch.cat([self.to_prefix(h).view(bsz, k, -1), embeds], dim=1)
+            ids = torch.cat([ids.new_zeros(bsz, k), ids], dim=1)
+            scored = torch.cat([scored.new_zeros(bsz, k), scored], dim=1)
+            attention = torch.cat([attention.new_ones(bsz, k), attention], dim=1)
+        # Position t predicts token t + 1 (as rayalign.logprobs.sequence_logprobs); the head
+        # runs on the scored positions' hidden states only, never on [B, T, V] logits.
         return logprobs_at(
             self.decoder, nn.functional.pad(ids[:, 1:], (0, 1)),
             nn.functional.pad(scored[:, 1:], (0, 1), value=False),
-            inputs_embeds=torch.cat([prefix, embeds], dim=1),
-            attention_mask=torch.cat([ones, batch.attention_mask], dim=1),
+            inputs_embeds=embeds, attention_mask=attention,
         )
 
     def forward(self, batch: SequenceBatch, word_dropout: float = 0.0,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction (Eq. 2): psi's response log-probs given h = phi(x, y)."""
-        return self.response_logprobs(self.encode_batch(batch), batch, word_dropout, generator)
+                generator: torch.Generator | None = None,
+                features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction (Eq. 2): psi's response log-probs given h = phi(x, y); `features`
+        (phi's pooled trunk output, precomputed when the trunk is frozen) skips the trunk."""
+        h = self.encode_batch(batch) if features is None else self.to_latent(features)
+        return self.response_logprobs(h, batch, word_dropout, generator)
 
     # ---- inference ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def embed(self, prompts: Sequence[str], responses: Sequence[str],
-              batch_size: int = 64) -> torch.Tensor:
-        """h = phi(x, y) for each pair, [N, d] float32 on the CPU, in input order.
+    def pooled(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64,
+               project: bool = True) -> torch.Tensor:
+        """h = phi(x, y) (or, with `project` false, phi's pooled trunk features) for each
+        pair, float32 on the CPU, in input order.
 
         Pairs are encoded `batch_size` at a time, sorted by length so a batch pads little;
         padding never changes a row's result (attention masks), so the result does not
@@ -238,9 +309,8 @@ class GuideModel(nn.Module):
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        out = torch.empty(len(prompts), self.spec.latent_dim)
-        if not len(prompts):
-            return out
+        width = self.spec.latent_dim if project else _hidden_size(self.encoder)
+        out = torch.empty(len(prompts), width)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
         was_training = self.training
         self.eval()
@@ -248,10 +318,16 @@ class GuideModel(nn.Module):
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 batch = self.tokenize([prompts[i] for i in idx], [responses[i] for i in idx])
-                out[idx] = self.encode_batch(batch).float().cpu()
+                feats = self.features(batch)
+                out[idx] = (self.to_latent(feats) if project else feats).float().cpu()
         finally:
             self.train(was_training)
         return out
+
+    def embed(self, prompts: Sequence[str], responses: Sequence[str],
+              batch_size: int = 64) -> torch.Tensor:
+        """h = phi(x, y) for each pair, [N, d] float32 on the CPU, in input order."""
+        return self.pooled(prompts, responses, batch_size)
 
     def distances(self, prompts: Sequence[str], references: Sequence[str],
                   candidates: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -287,136 +363,3 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-# ---- data ------------------------------------------------------------------------------
-
-
-def load_samples(path: str | Path) -> list[tuple[str, str, str]]:
-    """(prompt, gold, sample) rows of a samples file; a sample may be empty (the policy can
-    stop at once), prompt and gold may not. Bad rows raise `DataError` with file/row/field."""
-    source, rows = str(path), []
-    for number, row in read_rows(source):
-        if not isinstance(row, dict):
-            raise DataError(source, number, None, f"expected an object, got {type(row).__name__}")
-        for field in SAMPLE_COLUMNS:
-            value = row.get(field)
-            if not isinstance(value, str):
-                reason = "missing" if value is None else f"expected a string, got {type(value).__name__}"
-                raise DataError(source, number, field, reason)
-            if field != "sample" and not value.strip():
-                raise DataError(source, number, field, "empty string")
-        rows.append(tuple(row[f] for f in SAMPLE_COLUMNS))
-    if not rows:
-        raise DataError(source, None, None, "no rows")
-    return rows
-
-
-def guide_pairs(sft: DataConfig, samples_path: str | Path, tokenizer=None) -> list[tuple[str, str]]:
-    """Eq. 2's training set: (x, y) for every SFT example plus (x, y') for every sample."""
-    gold = [(ex.prompt, ex.response) for ex in load_dataset(sft, tokenizer)]
-    return gold + [(prompt, sample) for prompt, _, sample in load_samples(samples_path)]
-
-
-def split_pairs(pairs: Sequence[tuple[str, str]], eval_fraction: float,
-                seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """A seeded (train, held-out) split; the held-out part has at least 2 rows (a derangement
-    needs two) and the training part at least one."""
-    if len(pairs) < 3:
-        raise ValueError(f"need at least 3 (prompt, response) pairs to train a guide, got {len(pairs)}")
-    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = min(max(2, round(eval_fraction * len(pairs))), len(pairs) - 1)
-    return [pairs[i] for i in perm[n_eval:]], [pairs[i] for i in perm[:n_eval]]
-
-
-# ---- training and evaluation -------------------------------------------------------------
-
-
-def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
-    """A random permutation with no fixed point (n >= 2): a cyclic shift along a random order."""
-    if n < 2:
-        raise ValueError("a derangement needs at least 2 elements")
-    order = torch.randperm(n, generator=generator)
-    perm = torch.empty(n, dtype=torch.long)
-    perm[order] = order.roll(-1)
-    return perm
-
-
-@torch.no_grad()
-def informativeness(guide: GuideModel, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
-                    seed: int = 0) -> dict[str, float]:
-    """Latent informativeness (DESIGN.md, "Guide model"): psi's reconstruction NLL per response
-    token with the true h = phi(x, y) vs with the h of another row (a random derangement), no
-    word dropout. gap = nll_shuffled - nll_true; > 0 means psi uses the latent."""
-    prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
-    h = guide.embed(prompts, responses, batch_size).to(guide.device)
-    h_other = h[derangement(len(pairs), torch.Generator().manual_seed(seed)).to(guide.device)]
-    was_training = guide.training
-    guide.eval()
-    nll_true = nll_other = tokens = 0.0
-    try:
-        for start in range(0, len(pairs), batch_size):
-            end = start + batch_size
-            batch = guide.tokenize(prompts[start:end], responses[start:end])
-            lp_true, count = guide.response_logprobs(h[start:end], batch)
-            lp_other, _ = guide.response_logprobs(h_other[start:end], batch)
-            nll_true -= lp_true.sum().item()
-            nll_other -= lp_other.sum().item()
-            tokens += count.sum().item()
-    finally:
-        guide.train(was_training)
-    nll_true, nll_other = nll_true / tokens, nll_other / tokens
-    return {"nll_true": nll_true, "nll_shuffled": nll_other, "gap": nll_other - nll_true,
-            "rows": len(pairs)}
-
-
-def train_guide_model(
-    guide: GuideModel, pairs: Sequence[tuple[str, str]], cfg: GuideConfig,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> list[dict]:
-    """Train T on (prompt, response) pairs by Eq. 2 with the recipe of `cfg`; pure PyTorch.
-
-    When `torch.distributed` is initialized (a Ray Train / torchrun worker), the model is
-    wrapped in DistributedDataParallel and each rank takes its share of every epoch's
-    shuffled order (all ranks the same number of steps). Returns one dict per epoch
-    (epoch, loss = mean response-token NLL of this rank's batches, steps).
-    """
-    dist = torch.distributed
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if len(pairs) < world:
-        raise ValueError(f"{len(pairs)} pairs cannot be shared by {world} workers")
-    model: nn.Module = guide
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            guide, device_ids=[guide.device.index] if guide.device.type == "cuda" else None
-        )
-    params = [p for p in guide.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tokenizer = _Pretokenized(guide.tokenizer, [text for pair in pairs for text in pair])
-    encoded = [encode(tokenizer, p, r, guide.spec.max_prompt_length, guide.spec.max_length)
-               for p, r in pairs]
-    per_rank = len(pairs) // world
-    dropout_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    history = []
-    guide.train()
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        mine = order[rank::world][:per_rank].tolist()
-        total = count = 0.0
-        steps = math.ceil(per_rank / cfg.batch_size)
-        for step in range(steps):
-            idx = mine[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            batch = collate([encoded[i] for i in idx], guide.tokenizer.pad_token_id).to(guide.device)
-            logps, tokens = model(batch, cfg.word_dropout, dropout_rng)
-            loss = -logps.sum() / tokens.sum()
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optim.step()
-            total += -logps.sum().item()
-            count += tokens.sum().item()
-        history.append({"epoch": epoch, "loss": total / count, "steps": steps})
-        if on_epoch is not None:
-            on_epoch(history[-1])
-    guide.eval()
-    return history

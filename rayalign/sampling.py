@@ -38,7 +38,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from .config import SamplingConfig
+from .config import ModelConfig, SamplingConfig
 from .models import load_model, load_tokenizer
 
 FinishReason = Literal["stop", "length"]
@@ -111,15 +111,16 @@ def select_engine(
 
 def make_engine(
     model_path: str, cfg: SamplingConfig, max_prompt_length: int | None = None,
-    device: str = "auto",
+    device: str = "auto", dtype: str = "auto",
 ) -> SamplingEngine:
-    """The engine `select_engine` picks for this process."""
+    """The engine `select_engine` picks for this process; weights in `dtype` (a ModelConfig
+    dtype name: the policy's `policy.dtype`)."""
     gpu = torch.cuda.is_available()
     if select_engine(cfg, vllm_installed(), gpu) == "vllm":
-        return VLLMEngine(model_path, cfg, max_prompt_length)
+        return VLLMEngine(model_path, cfg, max_prompt_length, dtype)
     if device == "auto":
         device = "cuda" if gpu else "cpu"
-    return HFEngine(model_path, cfg, max_prompt_length, device)
+    return HFEngine(model_path, cfg, max_prompt_length, device, dtype)
 
 
 class _GumbelNoise:
@@ -146,11 +147,11 @@ class HFEngine:
 
     def __init__(
         self, model_path: str, cfg: SamplingConfig, max_prompt_length: int | None = None,
-        device: str = "cpu",
+        device: str = "cpu", dtype: str = "auto",
     ):
         self.cfg, self.max_prompt_length, self.device = cfg, max_prompt_length, device
         self.tokenizer = load_tokenizer(model_path)
-        self.model = load_model(model_path, device)
+        self.model = load_model(ModelConfig(path=str(model_path), dtype=dtype), device)
 
     def generate(
         self, prompts: list[str], seeds: list[int] | None = None,
@@ -247,14 +248,15 @@ class VLLMEngine:
     """``vllm.LLM`` with one ``SamplingParams`` per prompt (its seed), prompts passed as token
     ids so they are tokenized exactly as by the HF engine. Needs a GPU; not run in CI."""
 
-    def __init__(self, model_path: str, cfg: SamplingConfig, max_prompt_length: int | None = None):
+    def __init__(self, model_path: str, cfg: SamplingConfig, max_prompt_length: int | None = None,
+                 dtype: str = "auto"):
         from vllm import LLM
 
         self.cfg, self.max_prompt_length = cfg, max_prompt_length
         self.tokenizer = load_tokenizer(model_path)
         self.llm = LLM(
             model=model_path, tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed,
+            gpu_memory_utilization=cfg.gpu_memory_utilization, seed=cfg.seed, dtype=dtype,
             max_model_len=vllm_max_model_len(cfg, max_prompt_length),
         )
 

@@ -15,15 +15,17 @@ import torch
 from rayalign import toytask
 from rayalign.config import DataConfig, GuideConfig, ResourcesConfig
 from rayalign.data import DataError
-from rayalign.guide import (
-    GuideModel, derangement, guide_pairs, informativeness, load_samples, split_pairs,
-    train_guide_model,
+from rayalign.guide import GuideModel
+from rayalign.guide_train import (
+    derangement, guide_data, informativeness, load_samples, split_by_prompt, train_guide_model,
+    within_prompt_informativeness,
 )
 
 MAX_PROMPT, MAX_LEN = 32, 64
 PROMPTS = ["sort: 3 1 2 =>", "sort: 9 8 7 6 5 4 =>", "sort: 5 5 =>"]
 RESPONSES = [" 1 2 3", " 4 5 6 7 8 9", " 5 5"]
-GAP_MARGIN = 0.25  # nats per response token; the default recipe reaches 0.93 on this data
+GAP_MARGIN = 0.25  # nats per response token, across prompts; the default recipe reaches 0.55
+WITHIN_MARGIN = 0.03  # within a prompt (gold vs a near-miss sample); measured 0.09
 
 
 def perturb(rng: random.Random, gold: str) -> str:
@@ -74,6 +76,13 @@ def test_save_load_round_trip_gives_identical_embeddings(guide, tmp_path):
     # the version is a content hash of phi: same weights, same version
     assert GuideModel.load(loaded.save(tmp_path / "again"), decoder=False).spec.version == \
         loaded.spec.version
+    # the scorer's artifact: phi alone, same embeddings, and a clear error asking for psi
+    slim = guide.save(tmp_path / "slim", decoder=False)
+    assert sorted(p.name for p in slim.iterdir()) == ["encoder", "guide.json",
+                                                      "projections.safetensors"]
+    assert torch.equal(GuideModel.load(slim, decoder=False).embed(PROMPTS, RESPONSES), before)
+    with pytest.raises(FileNotFoundError, match="guide.save_decoder"):
+        GuideModel.load(slim)
 
 
 def test_load_rejects_a_directory_that_is_not_a_guide(tmp_path, tiny_gpt2):
@@ -141,8 +150,9 @@ def test_pooling_reads_the_documented_hidden_states(tiny_gpt2, pooling):
         assert torch.allclose(g.embed([prompt], [response])[0], expected, atol=1e-5)
 
 
-def test_decoder_scores_response_tokens_only_given_the_latent_prefix(guide):
-    """Independent: full log-softmax over prefix + [x; y] and sum the response positions."""
+def test_decoder_scores_response_tokens_only_given_the_latent_at_every_position(guide):
+    """Independent: full log-softmax over prefix + [x; y] (each input embedding + W_e h) and
+    sum the response positions."""
     batch = guide.tokenize(PROMPTS, RESPONSES)
     with torch.no_grad():
         h = guide.encode_batch(batch)
@@ -154,7 +164,8 @@ def test_decoder_scores_response_tokens_only_given_the_latent_prefix(guide):
                 guide.tokenizer.eos_token_id]
             ids = torch.tensor([p_ids + r_ids])
             prefix = guide.to_prefix(h[i]).view(1, k, -1)
-            embeds = torch.cat([prefix, guide.decoder.get_input_embeddings()(ids)], dim=1)
+            tokens = guide.decoder.get_input_embeddings()(ids) + guide.to_embedding(h[i])
+            embeds = torch.cat([prefix, tokens], dim=1)
             logp = guide.decoder(inputs_embeds=embeds).logits.log_softmax(-1)[0]
             # the token at sequence position t is predicted by the logits at position k + t - 1
             expected = sum(logp[k + t - 1, ids[0, t]] for t in range(len(p_ids), ids.shape[1]))
@@ -193,22 +204,122 @@ def one_torch_thread():
 
 def test_default_recipe_makes_the_latent_informative(tiny_gpt2, tmp_path, one_torch_thread):
     """After the default GuideConfig on 160 sorting examples + one perturbed sample each,
-    reconstructing with the true h beats reconstructing with another row's h by > GAP_MARGIN
-    nats per response token on held-out pairs (measured: 0.93); before training the gap is ~0."""
+    on held-out prompts: reconstructing with the true h beats another row's h by > GAP_MARGIN
+    nats per response token, and beats the h of the other answer to the same prompt by
+    > WITHIN_MARGIN; before training both gaps are ~0."""
     sft, samples = write_toy_data(tmp_path, 160)
     cfg = GuideConfig()
-    pairs = guide_pairs(DataConfig(path=sft, max_prompt_length=MAX_PROMPT, max_length=MAX_LEN),
-                        samples)
-    assert len(pairs) == 320
-    train, held_out = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+    pairs, triples = guide_data(
+        DataConfig(path=sft, max_prompt_length=MAX_PROMPT, max_length=MAX_LEN), samples)
+    assert len(pairs) == 320 and len(triples) == 160
+    train, held_out, held_triples = split_by_prompt(pairs, triples, cfg.eval_fraction, cfg.seed)
+    assert len(held_out) == 32 and len(held_triples) == 16
+    assert not {p for p, _ in train} & {p for p, _ in held_out}  # split by prompt
     g = GuideModel.create(cfg, tiny_gpt2, MAX_PROMPT, MAX_LEN)
     before = informativeness(g, held_out)
+    before_within = within_prompt_informativeness(g, held_triples)
     history = train_guide_model(g, train, cfg)
     after = informativeness(g, held_out)
-    assert abs(before["gap"]) < 0.05
+    after_within = within_prompt_informativeness(g, held_triples)
+    assert abs(before["gap"]) < 0.05 and abs(before_within["gap"]) < 0.02
     assert history[-1]["loss"] < history[0]["loss"]
     assert after["nll_true"] < before["nll_true"]
     assert after["gap"] > GAP_MARGIN, after
+    assert after_within["gap"] > WITHIN_MARGIN, after_within
+
+
+def test_within_prompt_informativeness_swaps_the_latents_of_a_prompts_two_answers(guide):
+    """Independent: each response scored alone, with its own h and with the other answer's."""
+    triples = [(PROMPTS[0], RESPONSES[0], " 1 3 2"), (PROMPTS[1], RESPONSES[1], " 4 5"),
+               (PROMPTS[2], RESPONSES[2], RESPONSES[2])]  # sample == gold: left out
+    got = within_prompt_informativeness(guide, triples, batch_size=2)
+    own = swapped = tokens = 0.0
+    gold_own = gold_swapped = gold_tokens = 0.0
+    with torch.no_grad():
+        for prompt, gold, sample in triples[:2]:
+            h = {r: guide.embed([prompt], [r]) for r in (gold, sample)}
+            for response, other in ((gold, sample), (sample, gold)):
+                batch = guide.tokenize([prompt], [response])
+                lp_own, n = guide.response_logprobs(h[response], batch)
+                lp_other, _ = guide.response_logprobs(h[other], batch)
+                own, swapped, tokens = own - lp_own.item(), swapped - lp_other.item(), tokens + n.item()
+                if response == gold:
+                    gold_own -= lp_own.item()
+                    gold_swapped -= lp_other.item()
+                    gold_tokens += n.item()
+    assert got["rows"] == 2
+    # float32 sums over ~10 tokens of NLL ~4 nats, batched vs alone: ~1e-5 abs
+    assert got["nll_true"] == pytest.approx(own / tokens, abs=1e-4)
+    assert got["nll_swapped"] == pytest.approx(swapped / tokens, abs=1e-4)
+    assert got["gap"] == pytest.approx((swapped - own) / tokens, abs=1e-4)
+    assert got["gold_gap"] == pytest.approx((gold_swapped - gold_own) / gold_tokens, abs=1e-4)
+    nothing = within_prompt_informativeness(guide, triples[2:])
+    assert nothing["rows"] == 0 and nothing["gap"] != nothing["gap"]  # NaN: nothing to compare
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_guide_training_resumes_after_its_last_epoch(tiny_llama, tmp_path, one_torch_thread):
+    """Killed after epoch 1 of 3, rerun with the same checkpoint_dir: epochs 0-1 are not redone
+    and the weights equal those of an uninterrupted run (same order, dropout, schedule)."""
+    cfg = GuideConfig(epochs=3, batch_size=4)
+    pairs = list(zip(PROMPTS * 4, RESPONSES * 4))
+
+    def kill_after_second(epoch: dict) -> None:
+        if epoch["epoch"] == 1:
+            raise _Killed
+
+    first = GuideModel.create(cfg, tiny_llama, MAX_PROMPT, MAX_LEN)
+    with pytest.raises(_Killed):
+        train_guide_model(first, pairs, cfg, on_epoch=kill_after_second, checkpoint_dir=tmp_path)
+    resumed = GuideModel.create(cfg, tiny_llama, MAX_PROMPT, MAX_LEN)
+    ran = []
+    history = train_guide_model(resumed, pairs, cfg, on_epoch=ran.append, checkpoint_dir=tmp_path)
+    assert [e["epoch"] for e in ran] == [2] and [e["epoch"] for e in history] == [0, 1, 2]
+    straight = GuideModel.create(cfg, tiny_llama, MAX_PROMPT, MAX_LEN)
+    expected = train_guide_model(straight, pairs, cfg)
+    assert [e["loss"] for e in history] == pytest.approx([e["loss"] for e in expected], abs=1e-6)
+    for (name, a), (_, b) in zip(resumed.state_dict().items(), straight.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name  # same float ops in the same order
+    with pytest.raises(ValueError, match="another guide config"):
+        train_guide_model(GuideModel.create(cfg, tiny_llama, MAX_PROMPT, MAX_LEN), pairs[:6],
+                          cfg, checkpoint_dir=tmp_path)
+
+
+def test_a_template_less_guide_tokenizer_trains_on_messages_data(tiny_gpt2, tiny_llama, tmp_path):
+    """messages rows are rendered by the policy's chat template (the one that rendered the
+    samples); the guide's tokenizer only tokenizes, so a guide without a template works, and
+    a renderer without one is a clear error naming the row and what to set."""
+    from transformers import AutoTokenizer
+
+    plain = tmp_path / "plain"
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tok.chat_template = None
+    tok.save_pretrained(plain)
+    for f in Path(tiny_gpt2).iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (plain / f.name).write_bytes(f.read_bytes())
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    policy = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
+            for p, r in zip(PROMPTS, RESPONSES)]
+    sft = toytask.write_jsonl(tmp_path / "sft.jsonl", rows)
+    rendered = [policy.apply_chat_template(r["messages"][:1], tokenize=False,
+                                           add_generation_prompt=True) for r in rows]
+    samples = toytask.write_jsonl(tmp_path / "samples.jsonl", [
+        {"prompt": p, "gold": r, "sample": " 7"} for p, r in zip(rendered, RESPONSES)])
+    data = DataConfig(path=str(sft), max_prompt_length=MAX_PROMPT, max_length=MAX_LEN)
+    pairs, triples = guide_data(data, samples, policy)
+    assert [p for p, _ in pairs] == rendered * 2  # gold and samples: one rendering per prompt
+    g = GuideModel.create(GuideConfig(model=str(plain), epochs=1), tiny_llama, MAX_PROMPT, MAX_LEN)
+    assert g.tokenizer.chat_template is None
+    train_guide_model(g, pairs, GuideConfig(epochs=1))
+    assert within_prompt_informativeness(g, triples)["rows"] == 3
+    with pytest.raises(DataError, match=r"sft.jsonl, row 1, field 'messages': .*chat template.*"
+                                        r"policy.path"):
+        guide_data(data, samples, AutoTokenizer.from_pretrained(plain))
 
 
 def test_load_samples_names_file_row_and_field(tmp_path):
@@ -238,12 +349,15 @@ def test_ray_train_driver_writes_checkpoint_and_metrics(ray_cluster, tiny_gpt2, 
     assert metrics["workers"] == 2
     assert metrics["train_rows"] + metrics["eval_rows"] == 128
     per_worker = metrics["train_rows"] // 2  # each worker: its half of the shuffled rows
-    assert [e["steps"] for e in metrics["epochs"]] == [-(-per_worker // 16)] * 2
+    assert [e["steps"] for e in metrics["epochs"]] == [-(-per_worker // 8)] * 2
     assert set(metrics["informativeness"]) >= {"nll_true", "nll_shuffled", "gap"}
+    assert set(metrics["within_prompt"]) >= {"nll_true", "nll_swapped", "gap"}
+    assert 0 < metrics["peak_rss_gb"] < 4
     loaded = GuideModel.load(out, decoder=False)
     assert metrics["guide_version"] == loaded.spec.version
     assert loaded.embed(PROMPTS, RESPONSES).isfinite().all()
     assert not (tmp_path / "run" / ".guide.train").exists()
+    assert not (tmp_path / "run" / ".guide.ckpt").exists()  # epoch checkpoints: gone when done
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["guide"]
 
 
@@ -260,7 +374,7 @@ def test_any_causal_lm_works_as_phi_and_psi(tiny_llama):
     """A Llama backbone (RoPE, another `base_model` attribute) trains and embeds like GPT-2."""
     cfg = GuideConfig(epochs=1, batch_size=4)
     g = GuideModel.create(cfg, tiny_llama, MAX_PROMPT, MAX_LEN)
-    history = train_guide_model(g, list(zip(PROMPTS * 3, RESPONSES * 3)), cfg)
+    history = train_guide_model(g, list(zip(PROMPTS * 4, RESPONSES * 4)), cfg)
     assert len(history) == 1 and history[0]["steps"] == 3
     together = g.embed(PROMPTS, RESPONSES)
     assert torch.allclose(together[1], g.embed(PROMPTS[1:2], RESPONSES[1:2])[0], atol=1e-5)
