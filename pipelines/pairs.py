@@ -19,7 +19,10 @@ Two stages, so the controller can checkpoint each output and resume at the first
    so the two GPU pools never need a GPU each at the same time; the
    distance column alone (8 bytes a row) comes to the driver for the dataset-wide mean and its
    checks (`rayalign.weights.distance_mean`), and each batch is then weighted with that one
-   mean (`ld_align_weights`), so the weights have mean 1 over the whole file.
+   mean (`ld_align_weights`), so the weights have mean 1 over the whole file. The stats
+   include the paper's §5.2 check over the first `sanity_rows` pairs (their texts come to
+   the driver): Spearman(s, 1 - ROUGE-L) and, with `sentence_encoder`, Spearman(s, 1 - cosine)
+   of sample vs gold (rayalign/sanity.py).
    Without a guide (``guide_path=None``: SPIN, uniform weights) no scorer runs, ``weight`` is
    1 and ``distance`` is null (not measured; 0 would claim "sample equals gold").
 
@@ -44,6 +47,7 @@ from rayalign.config import DataConfig, PairsConfig, SamplingConfig
 from rayalign.data import load_dataset
 from rayalign.models import load_tokenizer
 from rayalign.sampling import VLLM_ACTOR_ENV
+from rayalign.sanity import distance_sanity
 from rayalign.weights import distance_mean, ld_align_weights
 
 SAMPLES_SCHEMA = pa.schema([("row", pa.int64()), ("prompt", pa.string()),
@@ -90,6 +94,19 @@ def _weigh(batch: pa.Table, mean: float | None) -> pa.Table:
     else:
         weights = ld_align_weights(batch.column("distance").to_numpy(), mean)
     return batch.append_column("weight", pa.array(weights, pa.float64()))
+
+
+def _sanity(ds, cfg: PairsConfig) -> dict:
+    """The §5.2 check (rayalign.sanity) over the first `cfg.sanity_rows` pairs, on the driver."""
+    rows = ds.select_columns(["distance", "chosen", "rejected"]).take(cfg.sanity_rows)
+    golds, samples = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
+    cosines = None
+    if cfg.sentence_encoder is not None:
+        from rayalign.sentsim import SentenceEncoder
+
+        cosines = SentenceEncoder(cfg.sentence_encoder).cosine(samples, golds)
+    return {**distance_sanity([r["distance"] for r in rows], golds, samples, cosines),
+            "sanity_rows": len(rows)}
 
 
 def pairs_stage(samples_path: str | Path, policy_path: str, guide_path: str | None,

@@ -121,6 +121,11 @@ class PairsConfig(Section):
     refs: ResourcesConfig = Field(ResourcesConfig(), description="Reference log-prob actor pool.")
     refs_batch_size: int = Field(8, gt=0, description="Pairs per reference forward (2x rows).")
     progress_bars: bool = Field(True, description="Ray Data progress bars.")
+    sentence_encoder: str | None = Field(
+        None, description="Sentence-embedding model directory (all-MiniLM-L6-v2; "
+        "bench/prepare_real.py prints its path) for the §5.2 check Spearman(s, 1 - cosine); "
+        "None = the ROUGE-L check only.")
+    sanity_rows: int = Field(4096, gt=0, description="Pairs (the first N) the §5.2 check uses.")
 
 
 class HTTPServiceConfig(Section):

@@ -106,6 +106,32 @@ def test_latent_weights_are_distances_over_the_whole_datasets_mean(uniform_run, 
     keep = ("prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps")
     assert [{k: p[k] for k in keep} for p in pairs] == \
         [{k: p[k] for k in keep} for p in _rows(out / "pairs.parquet")]
+    # the §5.2 check over the written pairs, recomputed here from the file
+    from rayalign.sanity import distance_sanity
+
+    expected = distance_sanity(s, [p["chosen"] for p in pairs], [p["rejected"] for p in pairs])
+    assert stats["sanity_rows"] == len(pairs)
+    assert stats["spearman_rouge"] == pytest.approx(expected["spearman_rouge"], abs=1e-9)
+
+
+def test_policy_dtype_reaches_the_sampler_and_the_reference_model(tiny_gpt2):
+    """policy.dtype is handed to every stage (actors/controller.py); these are the two
+    stage actors that load the policy here (training: rayalign.train.Trainer's dtype)."""
+    from actors.sampler import PolicySampler
+    from pipelines.refs import ReferenceLogps
+
+    sampler = PolicySampler(tiny_gpt2, SAMPLING, 24, device="cpu", dtype="bfloat16")
+    assert next(sampler.engine.model.parameters()).dtype == torch.bfloat16
+    refs = ReferenceLogps(tiny_gpt2, 24, 48, device="cpu", dtype="bfloat16")
+    assert next(refs.model.parameters()).dtype == torch.bfloat16
+    row = {"prompt": np.array(["sort: 3 1 2 =>"]), "chosen": np.array([" 1 2 3"]),
+           "rejected": np.array([" 3 2 1"])}
+    got = refs(row)["ref_chosen_logps"][0]
+    model = load_model(tiny_gpt2).to(torch.bfloat16)
+    tok = load_tokenizer(tiny_gpt2)
+    assert got == pytest.approx(_direct_logps(model, tok, "sort: 3 1 2 =>", " 1 2 3"), abs=1e-6)
+    assert next(PolicySampler(tiny_gpt2, SAMPLING, 24, device="cpu").engine.model.parameters()
+                ).dtype == torch.float32  # auto on the CPU
 
 
 @pytest.mark.slow
