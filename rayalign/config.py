@@ -307,9 +307,10 @@ class GuideConfig(Section):
         "pretrained", description="pretrained = start from the checkpoint's weights; "
         "config = random init from its config."
     )
-    latent_dim: int = Field(16, gt=0, description="d: dimension of h = phi(x, y).")
-    encoder_layers: int | None = Field(
-        None, gt=0, description="Transformer blocks of the checkpoint phi reads with; None = all.")
+    latent_dim: int = Field(32, gt=0, description="d: dimension of h = phi(x, y).")
+    encoder_depth: float = Field(
+        0.55, gt=0.0, le=1.0, description="Share of the checkpoint's blocks phi reads with "
+        "(rounded up; 1 = all): mid-depth states carry meaning, the last ones the next token.")
     train_encoder: bool = Field(
         False, description="Train phi's trunk too; false = frozen pretrained trunk + a trained "
         "projection (features computed once per run instead of once per epoch).")
@@ -332,7 +333,7 @@ class GuideConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Linear warmup share of the "
                                 "steps, then linear decay to 0.")
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(4, ge=1)
     batch_size: int = Field(8, gt=0, description="(prompt, response) rows per worker per step.")
     max_grad_norm: float = Field(1.0, gt=0.0)
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the "

@@ -1,10 +1,11 @@
 """LD-Align's guide model: a conditional autoencoder T = (phi, psi) (LD-Align Sec. 4.1, Eq. 2).
 
-- phi (encoder): a causal-LM trunk (the first `encoder_layers` blocks of the checkpoint) reads
-  [x; y] (prompt and response tokens exactly as `rayalign.data.encode` makes them, response +
-  EOS); its final hidden states are pooled and a linear map gives h = phi(x, y) in R^d.
-  Pooling `mean` averages the hidden states of the response tokens; `last` takes the hidden
-  state of the last non-pad token (in a causal model the only one that has seen all of [x; y]).
+- phi (encoder): a causal-LM trunk (the first `encoder_depth` share of the checkpoint's blocks,
+  then its final norm) reads [x; y] (prompt and response tokens exactly as
+  `rayalign.data.encode` makes them, response + EOS); its hidden states are pooled, RMS-
+  normalized, and a linear map gives h = phi(x, y) in R^d. Pooling `mean` averages the hidden
+  states of the response tokens; `last` takes the hidden state of the last non-pad token (in a
+  causal model the only one that has seen all of [x; y]).
 - psi (decoder): a causal LM built from the checkpoint's first `decoder_layers` blocks (and
   its embeddings, final norm and output head, frozen). h reaches *every* position, as in
   Optimus (Li et al. 2020, "latent as embedding"): W_e h is added to each input embedding of
@@ -32,7 +33,7 @@ ablation behind these defaults is in bench/results/real_model.md.
 (rayalign/guide_train.py).
 
 On disk (`GuideModel.save`): ``encoder/`` is an ordinary Hugging Face checkpoint (the trunk,
-cut to `encoder_layers` blocks, with the tokenizer), ``projections.safetensors`` the linear
+cut to `encoder_depth` of its blocks, with the tokenizer), ``projections.safetensors`` the linear
 maps, ``guide.json`` the `GuideSpec` (including a content hash of the encoder side as
 `version`); ``decoder/`` only when saved with the decoder (`guide.save_decoder`), since
 scoring needs phi alone.
@@ -41,6 +42,7 @@ scoring needs phi alone.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -72,6 +74,13 @@ class GuideSpec:
     version: str = ""
 
 
+def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / RMS(x) over the last dimension (a parameter-free RMSNorm): phi's pooled features
+    keep their direction only, so distances follow the angle between pooled states, which
+    tracks sentence similarity better than their raw L2 (bench/results/real_model.md)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def _hidden_size(lm: nn.Module) -> int:
     return lm.get_input_embeddings().embedding_dim
 
@@ -85,9 +94,12 @@ def _blocks(lm: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     raise ValueError(f"{type(lm).__name__}: no list of {n} transformer blocks found")
 
 
-def truncate_blocks(lm: nn.Module, n: int | None) -> nn.Module:
-    """Keep the first `n` blocks (None: all); the config follows, so save/load round-trips."""
+def truncate_blocks(lm: nn.Module, n: int | float | None) -> nn.Module:
+    """Keep the first `n` blocks (None: all; a float in (0, 1]: that share of them, rounded
+    up); the config follows, so save/load round-trips."""
     parent, name, blocks = _blocks(lm)
+    if isinstance(n, float):
+        n = math.ceil(n * len(blocks))
     if n is None or n >= len(blocks):
         return lm
     setattr(parent, name, nn.ModuleList(list(blocks)[:n]))
@@ -97,7 +109,7 @@ def truncate_blocks(lm: nn.Module, n: int | None) -> nn.Module:
     return lm
 
 
-def _build_lm(path: str, init: str, blocks: int | None) -> nn.Module:
+def _build_lm(path: str, init: str, blocks: int | float | None) -> nn.Module:
     if init == "pretrained":
         lm = load_model(ModelConfig(path=path, dtype="float32"), trainable=True)
     else:
@@ -155,7 +167,7 @@ class GuideModel(nn.Module):
         no [V, H] gradient or optimizer state)."""
         path = cfg.model or base_model
         torch.manual_seed(cfg.seed)
-        encoder = _build_lm(path, cfg.init, cfg.encoder_layers)
+        encoder = _build_lm(path, cfg.init, cfg.encoder_depth)
         decoder = _build_lm(path, cfg.init, cfg.decoder_layers)
         encoder.requires_grad_(cfg.train_encoder)
         # phi never uses its LM head; an untied head would get no gradient (and stall DDP).
@@ -247,9 +259,11 @@ class GuideModel(nn.Module):
         ).last_hidden_state
         if self.spec.pooling == "last":
             last = batch.attention_mask.sum(-1) - 1
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        mask = batch.response_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            mask = batch.response_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return rms_normalize(pooled)
 
     def encode_batch(self, batch: SequenceBatch) -> torch.Tensor:
         """phi: h [B, d]."""

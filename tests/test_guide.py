@@ -146,6 +146,7 @@ def test_pooling_reads_the_documented_hidden_states(tiny_gpt2, pooling):
             hidden = g.encoder(torch.tensor([p_ids + r_ids]), output_hidden_states=True
                                ).hidden_states[-1][0]
             pooled = hidden[-1] if pooling == "last" else hidden[len(p_ids):].mean(0)
+            pooled = pooled / pooled.pow(2).mean().sqrt()  # RMS-normalized
             expected = g.to_latent(pooled)
         assert torch.allclose(g.embed([prompt], [response])[0], expected, atol=1e-5)
 
