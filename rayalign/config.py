@@ -342,7 +342,7 @@ class GuideConfig(Section):
         0.1, gt=0.0, lt=1.0, description="Held-out share of prompts for the informativeness figures."
     )
     min_informativeness: float | None = Field(
-        0.02, description="Stop before building pairs when the within-prompt informativeness gap "
+        0.01, description="Stop before building pairs when the within-prompt informativeness gap "
         "(nats/token) is below this; null = never stop.")
     save_decoder: bool = Field(False, description="Keep psi in the saved guide (scoring needs "
                                "only phi).")

@@ -24,8 +24,8 @@ from rayalign.guide_train import (
 MAX_PROMPT, MAX_LEN = 32, 64
 PROMPTS = ["sort: 3 1 2 =>", "sort: 9 8 7 6 5 4 =>", "sort: 5 5 =>"]
 RESPONSES = [" 1 2 3", " 4 5 6 7 8 9", " 5 5"]
-GAP_MARGIN = 0.25  # nats per response token, across prompts; the default recipe reaches 0.55
-WITHIN_MARGIN = 0.03  # within a prompt (gold vs a near-miss sample); measured 0.09
+GAP_MARGIN = 0.25  # nats per response token, across prompts; the default recipe reaches 0.31
+WITHIN_MARGIN = 0.03  # within a prompt (gold vs a near-miss sample); measured 0.043
 
 
 def perturb(rng: random.Random, gold: str) -> str:

@@ -27,6 +27,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 SMALL = [
     "tiny.train_rows=48", "tiny.eval_rows=16", "sft.max_steps=30", "iterations=2",
     "guide.epochs=2", "sampling.max_new_tokens=16", "eval_sampling.max_new_tokens=16",
+    # a 2-epoch guide on 48 rows exercises resume, not informativeness: no gate here
+    # (tests/test_guide_gate.py tests the gate)
+    "guide.min_informativeness=null",
 ]
 
 
