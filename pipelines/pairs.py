@@ -77,7 +77,8 @@ def sample_stage(data: DataConfig, policy_path: str, out_path: str | Path,
                                "max_prompt_length": data.max_prompt_length, "dtype": dtype},
     )
     written = write_single_parquet(ds, out_path, SAMPLES_SCHEMA)
-    return {"sft_rows": len(examples), "samples": written, "seconds": round(time.time() - start, 3)}
+    return {"sft_rows": len(examples), "samples": written, "policy_dtype": dtype,
+            "seconds": round(time.time() - start, 3)}
 
 
 def _as_pairs(batch: pa.Table) -> pa.Table:

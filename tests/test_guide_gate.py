@@ -9,7 +9,6 @@ identity) and passes the gate on the recorded figures, so a rerun resumes at the
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq
 import pytest
 
 from actors.controller import GuideNotInformative, LDAlignController
@@ -17,7 +16,6 @@ from rayalign import toytask
 from rayalign.config import (DataConfig, GuideConfig, LDAlignConfig, ModelConfig, PairsConfig,
                              SamplingConfig)
 from rayalign.guide_train import informativeness_verdict
-from rayalign.sampling import HFEngine, derive_seed
 
 
 def test_verdict_passes_at_or_above_the_threshold_and_says_what_to_change():
@@ -49,14 +47,9 @@ def test_gate_stops_before_pairs_and_an_override_resumes(ray_cluster, tiny_gpt2,
     assert run.done("guide") and not run.done("iter_000/pairs")
     assert any(line.startswith("[guide] epoch 1/1: loss") and "rows/s" in line for line in lines)
     assert run.get("guide").metrics["peak_rss_gb"] > 0
-    # policy.dtype reached the sampling stage: its samples are those of a bfloat16 engine
-    got = pq.read_table(run.path("iter_000", "samples.parquet")).to_pylist()
-    prompts = [r["prompt"] for r in got]
-    seeds = [derive_seed(sampling.seed, r["row"]) for r in got]
-    bf16 = HFEngine(tiny_gpt2, sampling, 24, dtype="bfloat16").generate(prompts, seeds)
-    fp32 = HFEngine(tiny_gpt2, sampling, 24, dtype="float32").generate(prompts, seeds)
-    assert [r["sample"] for r in got] == [c[0].text for c in bf16]
-    assert [c[0].text for c in bf16] != [c[0].text for c in fp32]  # so the check can fail
+    # policy.dtype reached the sampling stage (and the evaluation's, which runs the same
+    # sample_stage); the sampler and reference actors load it: test_pairs_pipeline
+    assert run.get("iter_000/samples").metrics["policy_dtype"] == "bfloat16"
     # the override opens the same run (no config-hash mismatch) and passes on the same figures
     relaxed = LDAlignController(cfg.model_copy(update={"guide": cfg.guide.model_copy(
         update={"min_informativeness": None})}))
