@@ -99,8 +99,8 @@ def _weigh(batch: pa.Table, mean: float | None) -> pa.Table:
 
 def _sanity(ds, cfg: PairsConfig) -> dict:
     """The §5.2 check (rayalign.sanity) over the first `cfg.sanity_rows` pairs, on the driver."""
-    rows = ds.select_columns(["distance", "chosen", "rejected"]).take(cfg.sanity_rows)
-    golds, samples = [r["chosen"] for r in rows], [r["rejected"] for r in rows]
+    rows = ds.select_columns(["distance", "gold", "sample"]).take(cfg.sanity_rows)
+    golds, samples = [r["gold"] for r in rows], [r["sample"] for r in rows]
     cosines = None
     if cfg.sentence_encoder is not None:
         from rayalign.sentsim import SentenceEncoder

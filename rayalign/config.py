@@ -124,7 +124,7 @@ class PairsConfig(Section):
     sentence_encoder: str | None = Field(
         None, description="Sentence-embedding model directory (all-MiniLM-L6-v2; "
         "bench/prepare_real.py prints its path) for the §5.2 check Spearman(s, 1 - cosine); "
-        "None = the ROUGE-L check only.")
+        "None = the ROUGE-L check only.", json_schema_extra=MODEL_INPUT)
     sanity_rows: int = Field(4096, gt=0, description="Pairs (the first N) the §5.2 check uses.")
 
 
