@@ -15,9 +15,10 @@
   responses y and samples y' of theta_0, here as the mean NLL per response token.
 - Distance (Sec. 4.2.2): s(x, y, y') = ||phi(x, y) - phi(x, y')||_2.
 
-Why this design (posterior collapse). A strong pretrained decoder reconstructs y from x and its
-own previous tokens and ignores h (Bowman et al. 2016; Optimus). Measured on SmolLM2-135M (issue 11) with
-the earlier design here (psi = a full 30-block copy, h as 4 prefix tokens, word dropout 0.5):
+Why this design (posterior collapse). A strong pretrained decoder reconstructs y from x and
+its own previous tokens and ignores h (Bowman et al. 2016; Optimus). Measured on SmolLM2-135M
+(issue 11) with the earlier design here (psi = a full 30-block copy, h as 4 prefix tokens,
+word dropout 0.5):
 across-prompt gap -0.0002 nats/token, i.e. none. Following the standard remedies: (1) a *weak
 decoder* (Yang et al. 2017: here `decoder_layers` = 2 blocks of the checkpoint, its embeddings,
 final norm and head, the embeddings and head frozen), which models local syntax but needs h
