@@ -24,7 +24,7 @@ from rayalign.config import LDAlignConfig  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_job_config(LDAlignConfig, __doc__.splitlines()[0], argv)  # inputs checked
     # torch, transformers and Ray only now, after the input checks (a second, not ten)
-    from actors.controller import LDAlignController
+    from actors.controller import GuideNotInformative, LDAlignController
     from actors.runtime import init_ray
     from rayalign.report import summary_table
 
@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     print(f"LD-Align: run_dir={Path(cfg.run_dir).absolute()} iterations={cfg.iterations} "
           f"weights={cfg.weights}", flush=True)
-    rows = controller.run_all()
+    try:
+        rows = controller.run_all()
+    except GuideNotInformative as err:  # the gate: stop before any pairs, say what to change
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     print("\n" + summary_table(rows))
     print(f"\nreport: {controller.run.path('report', 'summary.md')}  "
           f"({time.time() - start:.0f}s)")

@@ -111,7 +111,7 @@ def test_changed_config_on_a_run_dir_names_the_keys_before_ray_starts(files):
                       "guide.latent_dim=8", "iterations=5")
     assert probe["code"] == 2 and not probe["ray_started"], probe
     assert "different configuration; changed:" in err and "Traceback" not in err
-    assert "  train.beta: 0.1 -> 0.3" in err and "  guide.latent_dim: 16 -> 8" in err
+    assert "  train.beta: 0.1 -> 0.3" in err and "  guide.latent_dim: 32 -> 8" in err
     assert "iterations" not in err  # more iterations resume the same run
 
 
