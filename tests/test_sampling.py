@@ -211,7 +211,8 @@ def test_vllm_engine_passes_token_prompts_and_per_prompt_seeds(tiny_gpt2, monkey
                          tensor_parallel_size=2, gpu_memory_utilization=0.5, seed=3)
     engine = VLLMEngine(tiny_gpt2, cfg, max_prompt_length=4)
     assert engine.llm.kwargs == {"model": tiny_gpt2, "tensor_parallel_size": 2,
-                                 "gpu_memory_utilization": 0.5, "seed": 3}
+                                 "gpu_memory_utilization": 0.5, "seed": 3, "dtype": "auto",
+                                 "max_model_len": 9}  # 4 prompt + 5 new tokens
     out = engine.generate(PROMPTS[:2], seeds=[11, 12])
     assert out[1] == [Completion("s1.0", (1, 0), "length"), Completion("s1.1", (1, 1), "length")]
     prompts, params, use_tqdm = engine.llm.calls[0]
