@@ -4,13 +4,14 @@
     sft              continual SFT on D -> theta_0                    (skipped if sft is null)
     iter_000/samples y' ~ theta_0 for every prompt of D
     guide            T = (phi, psi) trained on D and those samples (Alg. 1 line 4)
-    eval/theta_0     greedy samples on held-out prompts: exact match, latent distance
+    eval/theta_0     greedy samples on held-out prompts: exact match, gold NLL, text and
+                     similarity metrics, latent distance (pipelines/evaluate.py)
     for t = 0..T-1:
       iter_t/samples   y' ~ theta_t                                    (t = 0: done above)
       iter_t/pairs     distances, weights s_i / mean s, ref log-probs under theta_t
       iter_t/train     weighted DPO: theta_t -> theta_{t+1} = iter_t/policy
       eval/theta_t+1
-    report           plots + summary table
+    report           summary.md (metric tables, sample texts) + plots (rayalign/report.py)
 
 The controller runs in the job's driver (the entrypoint `ray job submit` starts on the head
 node) and holds no math: each stage hands work to Ray Data actor pools (pipelines/) or a
@@ -21,12 +22,13 @@ first unfinished one, and outputs appear atomically, so nothing partial is ever 
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from actors.guide_trainer import METRICS_FILE, train_guide
-from actors.trainer import run_training
+from actors.trainer import TRAIN_METRICS_FILE, run_training
 from pipelines.evaluate import evaluate_stage
 from pipelines.pairs import pairs_stage, sample_stage
 from rayalign import toytask
@@ -47,9 +49,11 @@ class GuideNotInformative(RuntimeError):
 class LDAlignController:
     def __init__(self, cfg: LDAlignConfig, log: Log = print):
         self.cfg, self.log = cfg, log
-        # the gate's threshold is not part of the run's identity: changing it resumes the run
+        # the gate's threshold is not part of the run's identity: changing it resumes the run;
+        # nor are where metrics are reported and whether finished checkpoints are kept
         self.run = RunDir(cfg.run_dir, cfg.model_dump(mode="json", exclude={
-            "run_dir": True, "iterations": True, "guide": {"min_informativeness"}}))
+            "run_dir": True, "iterations": True, "guide": {"min_informativeness"},
+            "report_to": True, "keep_checkpoints": True}))
         self.dtype = cfg.policy.dtype if cfg.policy is not None else "auto"
         for stray in remove_stray_temps(self.run.root):  # a killed stage's half-written output
             log(f"removed {stray}, left by an interrupted stage")
@@ -80,11 +84,11 @@ class LDAlignController:
         train_data, eval_data = self._data("train", setup), self._data("eval", setup)
         base = cfg.policy.path if cfg.policy else setup.outputs["base"]
 
-        policy = base
+        policy, curves = base, {}
         if cfg.sft is not None:
             out = run.path("sft", "policy")
-            policy = self.stage("sft", lambda: self._train("sft", cfg.sft, train_data, base, out)
-                                ).outputs["policy"]
+            policy = self._training_stage("sft", cfg.sft, train_data, base, out).outputs["policy"]
+            curves["sft"] = policy
 
         samples = self._samples(0, train_data, policy)
         guide = None
@@ -107,12 +111,12 @@ class LDAlignController:
                                     max_prompt_length=train_data.max_prompt_length,
                                     max_length=train_data.max_length)
             out = run.path(it, "policy")
-            trained = self.stage(f"{it}/train",
-                                 lambda: self._train(f"{it}-train", cfg.train, pairs_data, policy, out))
-            policy = trained.outputs["policy"]
-            rows.append(self._evaluate(f"theta_{t + 1}", eval_data, policy, guide, trained.metrics))
+            trained = self._training_stage(f"{it}/train", cfg.train, pairs_data, policy, out)
+            policy = curves[it] = trained.outputs["policy"]
+            rows.append(self._evaluate(f"theta_{t + 1}", eval_data, policy, guide, trained,
+                                       baseline=rows[0]["scored"]))
 
-        self.stage("report", lambda: self._report(rows))
+        self.stage("report", lambda: self._report(rows, curves))
         return rows
 
     def _setup(self) -> tuple[dict, dict]:
@@ -151,13 +155,30 @@ class LDAlignController:
         if verdict is not None:
             raise GuideNotInformative(verdict)
 
-    def _train(self, name: str, train: TrainConfig, data: DataConfig, policy: str,
-               out: Path) -> tuple[dict, dict]:
-        """One Ray Train job; its checkpoints live under the run directory, per stage name,
-        so Ray Train's own retries resume within the stage."""
-        metrics = run_training(train, data, policy, out, storage=self.run.path(".ray_train"),
-                               dtype=self.dtype, name=name)
-        return {"policy": out}, metrics
+    def _training_stage(self, stage: str, train: TrainConfig, data: DataConfig, policy: str,
+                        out: Path) -> StageRecord:
+        """One Ray Train job as stage `stage`. Its DeepSpeed checkpoints live under
+        ``.ray_train/<stage>`` (so Ray Train's retries and a restarted job resume within the
+        stage) and are deleted once the stage, i.e. its HF export, is recorded, unless
+        `keep_checkpoints`; step metrics go to ``logs/<stage>`` (rayalign.tracking)."""
+        run_name = stage.replace("/", "-")
+        storage = self.run.path(".ray_train", run_name)
+
+        def body() -> tuple[dict, dict]:
+            metrics = run_training(train, data, policy, out, storage=storage, name=run_name,
+                                   dtype=self.dtype,
+                                   log_dir=self.run.path("logs", stage),
+                                   report_to=self.cfg.report_to, log=self.log)
+            return {"policy": out}, metrics
+
+        record = self.stage(stage, body)
+        if not self.cfg.keep_checkpoints and storage.exists():
+            shutil.rmtree(storage)
+            if not any(storage.parent.iterdir()):
+                storage.parent.rmdir()
+            self.log(f"[{stage}] DeepSpeed checkpoints deleted, the HF export stays "
+                     f"(keep_checkpoints: true keeps them)")
+        return record
 
     def _samples(self, t: int, data: DataConfig, policy: str) -> str:
         path = self.run.path(f"iter_{t:03d}", "samples.parquet")
@@ -171,27 +192,30 @@ class LDAlignController:
         return self.cfg.sampling.model_copy(update={"seed": self.cfg.sampling.seed + t})
 
     def _evaluate(self, name: str, data: DataConfig, policy: str, guide: str | None,
-                  train_metrics: dict | None) -> dict:
+                  train: StageRecord | None, baseline: str | None = None) -> dict:
+        """eval/<name>: the policy's held-out metrics (`baseline`: theta_0's scored rows, for
+        the reward win rate); returns its summary row (eval_* and, for t >= 1, train_*)."""
         path = self.run.path("eval", f"{name}.parquet")
         record = self.stage(f"eval/{name}", lambda: (
             {"scored": path},
             evaluate_stage(data, policy, guide, path, self.cfg.eval_sampling, self.cfg.pairs,
-                           self.dtype)))
-        row = {"policy": name, "eval_exact_match": record.metrics["exact_match"],
-               "eval_mean_distance": record.metrics.get("mean_distance"), "scored": record.outputs["scored"]}
+                           self.cfg.eval, baseline, self.dtype)))
+        row = {"policy": name, "scored": record.outputs["scored"],
+               **{f"eval_{k}": v for k, v in record.metrics.items() if k != "n"}}
         for key, source in (("loss", "loss"), ("reward_margin", "margin"),
                             ("reward_accuracy", "accuracy")):
-            if train_metrics and source in train_metrics:
-                row[f"train_{key}"] = train_metrics[source]
+            if train and source in train.metrics:
+                row[f"train_{key}"] = train.metrics[source]
         return row
 
-    def _report(self, rows: list[dict]) -> tuple[dict, dict]:
+    def _report(self, rows: list[dict], curves: dict[str, str]) -> tuple[dict, dict]:
+        """summary.md and plots from every theta's scored file and every training stage's
+        per-step history (`curves`: stage -> its HF export, which holds the history)."""
         import pyarrow.parquet as pq
 
-        distances = {}
-        for row in rows:
-            column = pq.read_table(row["scored"], columns=["distance"]).column("distance")
-            if column.null_count == 0:
-                distances[row["policy"]] = column.to_pylist()
-        summary = write_report(self.run.path("report"), rows, distances)
-        return {"summary": summary}, {}
+        scored = {row["policy"]: pq.read_table(row["scored"]).to_pydict() for row in rows}
+        histories = {stage: read_json(Path(policy) / TRAIN_METRICS_FILE)["history"]
+                     for stage, policy in curves.items()}
+        summary, correlations = write_report(self.run.path("report"), rows, scored, histories,
+                                             self.cfg.eval.samples_in_report)
+        return {"summary": summary}, correlations

@@ -45,7 +45,11 @@ class PolicySampler:
         completions = self.engine.generate(prompts, seeds)
         counts = [len(c) for c in completions]
         out = {key: np.repeat(np.asarray(value), counts, axis=0) for key, value in batch.items()}
-        out["sample"] = np.array([c.text for cs in completions for c in cs], dtype=object)
+        flat = [c for cs in completions for c in cs]
+        eos = self.engine.tokenizer.eos_token_id
+        out["sample"] = np.array([c.text for c in flat], dtype=object)
+        out["sample_tokens"] = np.array([c.num_tokens(eos) for c in flat], dtype=np.int64)
+        out["truncated"] = np.array([c.finish_reason == "length" for c in flat], dtype=bool)
         return out
 
 

@@ -17,6 +17,9 @@ Lifecycle (Ray's shard -> step -> report(checkpoint) pattern):
   merged by Ray into one directory under ``storage``) via ``ray.train.report``;
 - after each phase rank 0 writes the Hugging Face export to the phase's ``export_dir``
   (with ``train_metrics.json``: the phase's per-step history and final metrics);
+- while a phase with a ``log_dir`` runs, rank 0 writes each step's metrics there
+  (`rayalign.tracking.StepLogger`: steps.jsonl, TensorBoard, ``report_to``) and a driver
+  thread prints them as progress lines (`progress_printer`);
 - failures: ``FailureConfig(max_failures)`` restarts the workers, which resume from the last
   reported checkpoint (weights, optimizer, phase and step; finished phases are skipped). The
   restarted shard is re-read from its start and the consumed micro-batches are skipped:
@@ -35,6 +38,7 @@ machine, NFS on a cluster (``storage`` may also be a URI Ray Train understands, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,7 +46,8 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +58,7 @@ from rayalign.data import load_dataset
 from rayalign.io import read_json, remove_stray_temps, write_json
 from rayalign.models import load_tokenizer
 from rayalign.tiny import build_tiny_checkpoint
+from rayalign.tracking import ProgressTail, StepLogger, progress_line, shown
 from rayalign.train import (
     OBJECTIVE_DATA_KIND,
     DataPlan,
@@ -66,7 +72,7 @@ from rayalign.train import (
 )
 
 _PROGRESS = "progress.json"
-_METRICS = "train_metrics.json"
+TRAIN_METRICS_FILE = "train_metrics.json"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,8 @@ class PhaseSpec:
     data: DataConfig
     train: TrainConfig
     export_dir: str
+    log_dir: str | None = None  # step metrics (rayalign.tracking) while it runs; None = none
+    report_to: tuple[str, ...] = ()  # also to these of rayalign.tracking.BACKENDS
 
 
 @dataclass(frozen=True)
@@ -91,20 +99,26 @@ class TrainResult:
 
 
 def run_training(train: TrainConfig, data: DataConfig, policy: str | Path, out: str | Path,
-                 storage: str | Path, dtype: str = "auto", name: str = "train") -> dict:
+                 storage: str | Path, dtype: str = "auto", name: str = "train",
+                 log_dir: str | Path | None = None, report_to: Sequence[str] = (),
+                 log: Callable[[str], None] | None = None) -> dict:
     """Train ``policy`` on ``data`` with ``train``; HF export to ``out``; final step metrics.
 
     ``storage`` holds the Ray Train checkpoints (absolute local path, NFS or URI). This is
     the call of the LD-Align controller: ``data`` = the iteration's pairs.parquet with
     weight / ref_chosen_logps / ref_rejected_logps columns, ``train.objective`` weighted_dpo.
+    With ``log_dir`` the step metrics go there while it runs and ``log`` prints progress.
     """
-    spec = PhaseSpec(name, data, train, str(out))
-    return run_phases(policy, [spec], storage, dtype=dtype, name=name).metrics[name]
+    spec = PhaseSpec(name, data, train, str(out),
+                     None if log_dir is None else str(Path(log_dir).absolute()), tuple(report_to))
+    return run_phases(policy, [spec], storage, dtype=dtype, name=name, log=log).metrics[name]
 
 
 def run_phases(policy: str | Path, phases: Sequence[PhaseSpec], storage: str | Path,
-               dtype: str = "auto", name: str = "train") -> TrainResult:
-    """Run ``phases`` in order on one policy in one Ray Train job (see module docstring)."""
+               dtype: str = "auto", name: str = "train",
+               log: Callable[[str], None] | None = None) -> TrainResult:
+    """Run ``phases`` in order on one policy in one Ray Train job (see module docstring);
+    ``log`` gets a progress line per optimizer step of the phases that have a ``log_dir``."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -151,11 +165,43 @@ def run_phases(policy: str | Path, phases: Sequence[PhaseSpec], storage: str | P
         datasets=datasets,
         torch_config=TorchConfig(backend=process_group_backend(first.use_gpu)),
     )
-    result = trainer.fit()
+    with progress_printer([(p.name, p.log_dir) for p in phases], log):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
-    metrics = {spec.name: read_json(Path(spec.export_dir) / _METRICS)["final"] for spec in phases}
+    metrics = {spec.name: read_json(Path(spec.export_dir) / TRAIN_METRICS_FILE)["final"]
+               for spec in phases}
     return TrainResult({spec.name: spec.export_dir for spec in phases}, metrics)
+
+
+@contextlib.contextmanager
+def progress_printer(stages: Sequence[tuple[str, str | None]], log: Callable[[str], None] | None):
+    """While the body runs, a thread prints (``log``, ~20 lines a stage: `shown`) the step
+    records that rank 0 appends to each (stage name, log_dir)'s ``steps.jsonl``: worker output
+    does not reach the driver's console (`actors.runtime.init_ray`)."""
+    tails = [(name, ProgressTail(log_dir)) for name, log_dir in stages if log_dir and log]
+    done = threading.Event()
+
+    def drain() -> None:
+        for stage, tail in tails:
+            for record in tail.new_records():
+                if shown(record):
+                    log(progress_line(stage, record))
+
+    def loop() -> None:
+        while not done.wait(2.0):
+            drain()
+
+    thread = threading.Thread(target=loop, daemon=True, name="train-progress")
+    if tails:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if tails:
+            thread.join()
+            drain()
 
 
 _SIDES = ("chosen/", "rejected/")
@@ -211,16 +257,25 @@ def _train_worker(config: dict) -> None:
             state = None
             continue
         every = spec.train.checkpoint_every
+        steps_log = (StepLogger(spec.log_dir, spec.name, spec.report_to, spec.train.model_dump())
+                     if spec.log_dir and trainer.rank == 0 else None)
 
-        def on_step(s: PhaseState, metrics: dict, index=index, steps=phase.steps) -> None:
+        def on_step(s: PhaseState, metrics: dict, index=index, steps=phase.steps,
+                    steps_log=steps_log) -> None:
+            if steps_log is not None:
+                steps_log.log(s.step, metrics, steps)
             if every and s.step % every == 0 and s.step < steps:
                 _report(trainer, index, s, metrics)
 
-        result = trainer.run_phase(phase, state, on_step)
+        try:
+            result = trainer.run_phase(phase, state, on_step)
+        finally:
+            if steps_log is not None:
+                steps_log.close()
         state = None
         final = result.history[-1]
         if trainer.export(spec.export_dir) is not None:
-            write_json(Path(spec.export_dir) / _METRICS,
+            write_json(Path(spec.export_dir) / TRAIN_METRICS_FILE,
                        {"phase": spec.name, "final": final, "history": result.history})
         _report(trainer, index, result.state, {"phase": spec.name, **final})
 
@@ -257,7 +312,9 @@ def train_job(cfg: TrainJobConfig) -> dict:
     """The sft/dpo/aot jobs: the tiny default where `policy` / `data` are None, then one phase.
 
     The trained policy goes to ``<output_dir>/policy``, Ray Train checkpoints to
-    ``<output_dir>/ray``; returns the final step metrics.
+    ``<output_dir>/ray`` (kept: re-running resumes from them), step metrics to
+    ``<output_dir>/logs`` (rayalign.tracking) with a progress line per step; returns the final
+    step metrics.
     """
     out = Path(cfg.output_dir)
     if out.exists():
@@ -266,7 +323,8 @@ def train_job(cfg: TrainJobConfig) -> dict:
     data = cfg.data if cfg.data is not None else toy_data(cfg, out / "data")
     dtype = cfg.policy.dtype if cfg.policy is not None else "auto"
     return run_training(cfg.train, data, policy, out / "policy", out / "ray", dtype=dtype,
-                        name=cfg.train.objective)
+                        name=cfg.train.objective, log_dir=out / "logs",
+                        log=lambda line: print(line, flush=True))
 
 
 def tiny_policy(cfg: TrainJobConfig, path: Path) -> str:

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch, transformers and Ray only now, after the input checks (a second, not ten)
     from actors.controller import GuideNotInformative, LDAlignController
     from actors.runtime import init_ray
-    from rayalign.report import summary_table
+    from rayalign.report import summary_table, training_table
 
     start = time.time()
     with exit_on_input_error():  # a run_dir made by another config: named before Ray starts
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except GuideNotInformative as err:  # the gate: stop before any pairs, say what to change
         print(f"error: {err}", file=sys.stderr)
         return 3
-    print("\n" + summary_table(rows))
+    print("\n" + summary_table(rows) + "\n\n" + training_table(rows))
     print(f"\nreport: {controller.run.path('report', 'summary.md')}  "
           f"({time.time() - start:.0f}s)")
     return 0

@@ -2,9 +2,10 @@
 
 Two stages, so the controller can checkpoint each output and resume at the first missing one:
 
-1. `sample_stage` -> ``samples.parquet`` (row, prompt, gold, sample). The SFT file is read and
-   validated on the driver *first* (`rayalign.data.load_dataset`): a bad row raises
-   `DataError` naming file, row and field before any actor starts. The validated rows become
+1. `sample_stage` -> ``samples.parquet`` (row, prompt, gold, sample, sample_tokens,
+   truncated). The SFT file is read and validated on the driver *first*
+   (`rayalign.data.load_dataset`): a bad row raises `DataError` naming file, row and field
+   before any actor starts. The validated rows become
    a Ray Data dataset, and an actor pool of `PolicySampler`s (actors/sampler.py) samples
    them. ``row`` is the example's index in the SFT file; it seeds the row's sample
    (batch-independent, see rayalign/sampling.py) and with ``sampling.n > 1`` it repeats, one
@@ -51,7 +52,8 @@ from rayalign.sanity import distance_sanity
 from rayalign.weights import distance_mean, ld_align_weights
 
 SAMPLES_SCHEMA = pa.schema([("row", pa.int64()), ("prompt", pa.string()),
-                            ("gold", pa.string()), ("sample", pa.string())])
+                            ("gold", pa.string()), ("sample", pa.string()),
+                            ("sample_tokens", pa.int64()), ("truncated", pa.bool_())])
 PAIRS_SCHEMA = pa.schema([
     ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
     ("distance", pa.float64()), ("weight", pa.float64()),

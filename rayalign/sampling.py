@@ -53,6 +53,11 @@ class Completion:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
 
+    def num_tokens(self, eos_token_id: int | None) -> int:
+        """Generated tokens, not counting the EOS that ended them (the answer's length)."""
+        ends = bool(self.token_ids) and self.token_ids[-1] == eos_token_id
+        return len(self.token_ids) - int(ends)
+
 
 class SamplingEngine(Protocol):
     """What the sampler actor and the service need from an engine."""

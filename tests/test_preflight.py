@@ -119,3 +119,7 @@ def test_uris_are_left_to_their_readers_and_nested_models_are_checked(files):
     check_inputs(LDAlignConfig(policy=ModelConfig(path="s3://bucket/ckpt"), sft=None))
     with pytest.raises(ConfigError, match=r"^guide\.model: '/gone' does not exist"):
         check_inputs(LDAlignConfig(guide={"model": "/gone"}))
+    with pytest.raises(ConfigError, match=r"^eval\.sentence_encoder: '/gone' does not exist"):
+        check_inputs(LDAlignConfig(eval={"sentence_encoder": "/gone"}))
+    with pytest.raises(ConfigError, match=r"^eval\.reward_model: .* \(no config.json\)"):
+        check_inputs(LDAlignConfig(eval={"reward_model": str(files["no_config"])}))
