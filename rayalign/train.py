@@ -512,7 +512,14 @@ class Trainer:
 
         # while this object lives, from_pretrained builds each parameter under zero.Init;
         # dropped right after, so that later loads (the reference model) are plain
-        zero3 = HfDeepSpeedConfig(ds_config) if train.zero_stage == 3 else None
+        zero3 = None
+        if train.zero_stage == 3:
+            import deepspeed
+
+            # zero.Init reads the world size from deepspeed.comm, which is 1 until it wraps
+            # the existing torch.distributed group (it does not create another one)
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
+            zero3 = HfDeepSpeedConfig(ds_config)
         extra = {} if train.attn_implementation is None else {
             "attn_implementation": train.attn_implementation}
         model = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=torch.float32,
