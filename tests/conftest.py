@@ -125,3 +125,15 @@ def kill_processes_with_env(entry: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def stop_process_group(proc, grace_s: float) -> None:
+    """SIGTERM the process group a test started (never `ray stop`), SIGKILL it after grace_s."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import stop_process_group
 
 from rayalign.config import LDAlignConfig, load_config
 
@@ -71,11 +71,7 @@ def head():
             time.sleep(2)
         yield env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc, grace_s=10)
         _forget_cluster_file(gcs_port)
 
 

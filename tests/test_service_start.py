@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import stop_process_group
 
 from conftest import kill_processes_with_env
 
@@ -85,8 +85,4 @@ def test_the_sampler_command_serves_despite_a_stale_cluster_file(ray_tmp, tiny_g
             time.sleep(2)
         assert [m["id"] for m in models.json()["data"]] == ["tiny"]  # loopback: no token
     finally:
-        os.killpg(service.pid, signal.SIGTERM)
-        try:
-            service.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.pid, signal.SIGKILL)
+        stop_process_group(service, grace_s=30)
