@@ -346,7 +346,17 @@ class GuideConfig(Section):
         "(nats/token) is below this; null = never stop.")
     save_decoder: bool = Field(False, description="Keep psi in the saved guide (scoring needs "
                                "only phi).")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters on psi's blocks (and "
+                                    "phi's trunk with train_encoder) instead of their weights; "
+                                    "merged into the saved guide.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _merged_lora(self) -> "GuideConfig":
+        if self.lora is not None and self.lora.export != "merged":
+            raise ValueError("lora.export: the guide is always saved with its adapters merged "
+                             "(the scorer loads phi as a plain checkpoint); leave it 'merged'")
+        return self
 
 
 class GuideJobConfig(Section):

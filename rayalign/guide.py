@@ -61,6 +61,7 @@ from .config import GuideConfig, ModelConfig
 from .data import SequenceBatch, collate, encode
 from .io import atomic_dir, read_json, write_json
 from .logprobs import logprobs_at
+from .lora import apply_lora, merged
 from .models import load_model, load_tokenizer, save_checkpoint
 
 SPEC_FILE = "guide.json"
@@ -86,6 +87,12 @@ def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     keep their direction only, so distances follow the angle between pooled states, which
     tracks sentence similarity better than their raw L2 (bench/results/real_model.md)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _trunk(lm: nn.Module) -> nn.Module:
+    """The transformer under the LM head, also through a peft wrapper (whose `base_model` is
+    peft's tuner, not the trunk; the adapters sit inside the trunk's layers either way)."""
+    return lm.get_base_model().base_model if hasattr(lm, "get_base_model") else lm.base_model
 
 
 def _hidden_size(lm: nn.Module) -> int:
@@ -171,7 +178,9 @@ class GuideModel(nn.Module):
 
         Frozen: phi's trunk unless `cfg.train_encoder`; psi's embeddings and output head always
         (they keep the pretrained vocabulary geometry, and are most of a small model's weights:
-        no [V, H] gradient or optimizer state)."""
+        no [V, H] gradient or optimizer state). With `cfg.lora`, psi's blocks (and phi's trunk
+        when trained) train LoRA adapters instead of their weights; the projections train in
+        full either way."""
         path = cfg.model or base_model
         torch.manual_seed(cfg.seed)
         encoder = _build_lm(path, cfg.init, cfg.encoder_depth)
@@ -184,6 +193,10 @@ class GuideModel(nn.Module):
         if cfg.gradient_checkpointing:
             for lm in (encoder, decoder):
                 lm.gradient_checkpointing_enable()
+        if cfg.lora is not None:
+            decoder = apply_lora(decoder, cfg.lora)
+            if cfg.train_encoder:
+                encoder = apply_lora(encoder, cfg.lora)
         spec = GuideSpec(cfg.latent_dim, cfg.prefix_tokens, cfg.pooling, max_prompt_length,
                          max_length, cfg.injection in ("embedding", "both"))
         if cfg.injection == "embedding":
@@ -221,9 +234,13 @@ class GuideModel(nn.Module):
 
     def save(self, path: str | Path, decoder: bool = True) -> Path:
         """Atomically write the checkpoint directory (psi only if `decoder`); `spec.version`
-        becomes a hash of phi."""
+        becomes a hash of phi. LoRA adapters are merged into the weights first (in place: the
+        guide computes the same function after, and the saved parts are plain checkpoints)."""
         from safetensors.torch import save_file
 
+        self.encoder = merged(self.encoder)
+        if self.decoder is not None:
+            self.decoder = merged(self.decoder)
         keep = ("to_latent.",) + (("to_prefix.", "to_embedding.") if decoder else ())
         with atomic_dir(path) as tmp:
             save_checkpoint(self.encoder, self.tokenizer, tmp / "encoder")
@@ -261,7 +278,7 @@ class GuideModel(nn.Module):
 
     def features(self, batch: SequenceBatch) -> torch.Tensor:
         """phi's trunk, pooled: [B, H] (h = to_latent of this)."""
-        hidden = self.encoder.base_model(
+        hidden = _trunk(self.encoder)(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
         if self.spec.pooling == "last":

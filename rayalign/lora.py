@@ -34,6 +34,12 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     return get_peft_model(model, _peft_config(cfg))
 
 
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its LoRA adapters merged into the base weights and the peft wrapping
+    removed (in place, peft's ``merge_and_unload``); a model without adapters as it is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def adapters_disabled(model: torch.nn.Module) -> AbstractContextManager:
     """Inside the context ``model`` (an `apply_lora` model) computes the base model."""
     return model.disable_adapter()
@@ -59,4 +65,4 @@ def export_lora(model: torch.nn.Module, tokenizer, base_path: str, cfg: LoraConf
     state = {k: v.detach().to("cpu", torch.float32)
              for k, v in get_peft_model_state_dict(model).items()}
     set_peft_model_state_dict(copy, state)
-    return save_checkpoint(copy.merge_and_unload(), tokenizer, out_dir)
+    return save_checkpoint(merged(copy), tokenizer, out_dir)

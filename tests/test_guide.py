@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from rayalign import toytask
-from rayalign.config import DataConfig, GuideConfig, ResourcesConfig
+from rayalign.config import DataConfig, GuideConfig, LoraConfig, ResourcesConfig
 from rayalign.data import DataError
-from rayalign.guide import GuideModel
+from rayalign.guide import HEADS, GuideModel
 from rayalign.guide_train import (
     derangement, guide_data, informativeness, load_samples, split_by_prompt, train_guide_model,
     within_prompt_informativeness,
@@ -287,6 +287,38 @@ def test_a_killed_guide_training_resumes_after_its_last_epoch(tiny_llama, tmp_pa
     with pytest.raises(ValueError, match="another guide config"):
         train_guide_model(GuideModel.create(cfg, tiny_llama, MAX_PROMPT, MAX_LEN), pairs[:6],
                           cfg, checkpoint_dir=tmp_path)
+
+
+def test_a_lora_guide_trains_adapters_only_and_saves_plain_merged_checkpoints(
+        tiny_llama, tmp_path, one_torch_thread):
+    """guide.lora with train_encoder: only adapters (of phi's trunk and psi's blocks) and the
+    projections train, every base weight stays as loaded, the loss falls; the saved guide is
+    plain Hugging Face checkpoints that embed as the adapted guide did and unlike the base."""
+    cfg = GuideConfig(epochs=3, batch_size=4, lr=1e-2, train_encoder=True,
+                      lora=LoraConfig(r=4, alpha=8.0))
+    g = GuideModel.create(cfg, tiny_llama, MAX_PROMPT, MAX_LEN)
+    trainable = {n for n, p in g.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or n.startswith(HEADS) for n in trainable), trainable
+    assert {n.split(".")[0] for n in trainable if "lora_" in n} == {"encoder", "decoder"}
+    frozen = {n: p.detach().clone() for n, p in g.named_parameters() if not p.requires_grad}
+    history = train_guide_model(g, list(zip(PROMPTS * 4, RESPONSES * 4)), cfg)
+    assert history[-1]["loss"] < history[0]["loss"]
+    for n, p in g.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    adapted = g.embed(PROMPTS, RESPONSES)
+    g.save(tmp_path / "guide", decoder=True)
+    loaded = GuideModel.load(tmp_path / "guide")
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+    # W + (alpha / r) B A rounded once into float32 weights: ~1e-7 relative per weight, a few
+    # 1e-6 through two blocks and the RMS-normalized pooling
+    torch.testing.assert_close(loaded.embed(PROMPTS, RESPONSES), adapted, atol=1e-5, rtol=0)
+    base = GuideModel.create(GuideConfig(), tiny_llama, MAX_PROMPT, MAX_LEN)
+    moved = (loaded.pooled(PROMPTS, RESPONSES, project=False)
+             - base.pooled(PROMPTS, RESPONSES, project=False)).abs().max()
+    assert moved > 1e-3  # the merged trunk is not the base trunk
+    with pytest.raises(ValueError, match="lora.export"):
+        GuideConfig(lora=LoraConfig(export="adapter"))
 
 
 def test_a_template_less_guide_tokenizer_trains_on_messages_data(tiny_gpt2, tiny_llama, tmp_path):
