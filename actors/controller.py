@@ -137,7 +137,8 @@ class LDAlignController:
         tokenizer); report both latent informativeness figures (rayalign/guide_train.py)."""
         cfg = self.cfg
         path = train_guide(data, samples, cfg.guide.model or policy, out, cfg.guide,
-                           cfg.guide_workers, render_model=policy, log=self.log)
+                           cfg.guide_workers, render_model=policy, log=self.log,
+                           log_dir=self.run.path("logs", "guide"), report_to=cfg.report_to)
         metrics = read_json(Path(path) / METRICS_FILE)
         across, within = metrics["informativeness"], metrics["within_prompt"]
         return {"guide": path}, {

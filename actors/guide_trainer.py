@@ -10,7 +10,9 @@ informativeness figures on held-out prompts, data sizes, wall time and the worke
 Progress: after every epoch rank 0 writes a resumable checkpoint and one progress line under
 ``.<out_dir name>.ckpt/`` beside `out_dir`; the driver prints each line (loss, rows/s, ETA) as
 it appears. A guide stage killed mid-training resumes after its last finished epoch; the
-directory is removed once the guide is saved. Rank 0 hands the final checkpoint to Ray Train
+directory is removed once the guide is saved. With a `log_dir`, rank 0 also writes each epoch's
+figures there (`rayalign.tracking.StepLogger`: steps.jsonl, TensorBoard, `report_to`), step =
+epoch. Rank 0 hands the final checkpoint to Ray Train
 (`ray.train.report`), which persists it under the run's storage path, so workers on other
 nodes need no shared local disk for the result; the epoch checkpoints and `out_dir` must be on
 storage the driver can reach (a local disk or NFS).
@@ -25,7 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rayalign.config import DataConfig, GuideConfig, ResourcesConfig
@@ -34,6 +36,7 @@ from rayalign.guide_train import (PROGRESS_FILE, guide_data, informativeness, sp
                                   train_guide_model, within_prompt_informativeness)
 from rayalign.io import atomic_dir, write_json
 from rayalign.models import load_tokenizer
+from rayalign.tracking import StepLogger
 from rayalign.train import process_group_backend
 
 METRICS_FILE = "metrics.json"
@@ -47,9 +50,17 @@ def _worker_loop(config: dict) -> None:
     start = time.time()
     guide = GuideModel.create(cfg, config["base_model"], config["max_prompt_length"],
                               config["max_length"]).to(ray.train.torch.get_device())
-    history = train_guide_model(guide, config["train_pairs"], cfg,
-                                checkpoint_dir=config["checkpoint_dir"])
     context = ray.train.get_context()
+    steps_log = (StepLogger(config["log_dir"], "guide", config["report_to"], cfg.model_dump())
+                 if config["log_dir"] and context.get_world_rank() == 0 else None)
+    try:
+        history = train_guide_model(
+            guide, config["train_pairs"], cfg, checkpoint_dir=config["checkpoint_dir"],
+            on_epoch=None if steps_log is None else
+            lambda e: steps_log.log(e["epoch"] + 1, e, steps=cfg.epochs))
+    finally:
+        if steps_log is not None:
+            steps_log.close()
     metrics = {"epochs": history, "train_loss": history[-1]["loss"]}
     if context.get_world_rank() != 0:
         ray.train.report(metrics)
@@ -92,6 +103,8 @@ def train_guide(
     workers: ResourcesConfig = ResourcesConfig(num_actors=2),
     render_model: str | None = None,
     log: Callable[[str], None] = print,
+    log_dir: str | Path | None = None,
+    report_to: Sequence[str] = (),
 ) -> Path:
     """Train the guide on the SFT gold responses plus `samples` (prompt, gold, sample) with
     `workers.num_actors` Ray Train workers; returns `out_dir` (checkpoint + metrics.json).
@@ -99,7 +112,8 @@ def train_guide(
     `render_model` is the checkpoint whose chat template renders `messages` rows (the policy
     that sampled; default `base_model`). Needs a running Ray (`ray.init()` or a cluster
     address). Truncation limits come from `sft` and are stored in the guide, so scoring
-    truncates exactly as training did.
+    truncates exactly as training did. `log_dir` / `report_to`: per-epoch metrics (module
+    docstring).
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -118,6 +132,8 @@ def train_guide(
             "eval_pairs": eval_pairs, "eval_triples": eval_triples,
             "max_prompt_length": sft.max_prompt_length, "max_length": sft.max_length,
             "checkpoint_dir": str(checkpoint_dir),
+            "log_dir": None if log_dir is None else str(Path(log_dir).absolute()),
+            "report_to": tuple(report_to),
         },
         torch_config=TorchConfig(backend=process_group_backend(use_gpu)),
         scaling_config=ScalingConfig(

@@ -376,9 +376,13 @@ def test_ray_train_driver_writes_checkpoint_and_metrics(ray_cluster, tiny_gpt2, 
     out = train_guide(
         DataConfig(path=sft, max_prompt_length=MAX_PROMPT, max_length=MAX_LEN), samples,
         tiny_gpt2, tmp_path / "run" / "guide", GuideConfig(epochs=2),
-        ResourcesConfig(num_actors=2, num_cpus=1),
+        ResourcesConfig(num_actors=2, num_cpus=1), log_dir=tmp_path / "logs",
     )
     metrics = json.loads((out / "metrics.json").read_text())
+    logged = [json.loads(line) for line in (tmp_path / "logs" / "steps.jsonl").open()]
+    assert [(r["step"], r["steps"]) for r in logged] == [(1, 2), (2, 2)]  # rank 0 only, per epoch
+    assert [r["loss"] for r in logged] == pytest.approx([e["loss"] for e in metrics["epochs"]])
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
     assert metrics["workers"] == 2
     assert metrics["train_rows"] + metrics["eval_rows"] == 128
     per_worker = metrics["train_rows"] // 2  # each worker: its half of the shuffled rows
