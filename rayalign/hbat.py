@@ -76,6 +76,7 @@ from .ewc import (
     importance_stats,
 )
 from .rundir import RunDir
+from .tracking import StepLogger, progress_line, shown
 
 log = logging.getLogger(__name__)
 
@@ -457,6 +458,20 @@ PhaseCallback = Callable[[HbatPhase, dict], None]
 """Called on every rank after each phase is checkpointed (and recorded, on rank 0)."""
 
 
+def _step_printer(step_log: StepLogger | None, name: str, steps: int):
+    """Rank 0's per-step callback: every step to ``logs/<phase>`` (steps.jsonl, TensorBoard),
+    about 20 progress lines a phase to the log."""
+    if step_log is None:
+        return None
+
+    def on_step(state, metrics: dict) -> None:
+        step_log.log(state.step, metrics, steps)
+        record = {**metrics, "step": state.step, "steps": steps}
+        if shown(record):
+            log.info(progress_line(name, record))
+    return on_step
+
+
 def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None) -> dict:
     """Run every unfinished phase of ``cfg``'s schedule on ``trainer``; return a summary.
 
@@ -505,8 +520,15 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
                      "top %s", phase.name, penalty.mode, phase.importance_from.upper(),
                      penalty.stats["entropy"], penalty.stats["normalized_entropy"],
                      penalty.stats["max_share"], penalty.stats["top"][:3])
-        result = trainer.run_phase(Phase(phase.name, train, data_cfg, rows, plan),
-                                   grad_hook=penalty_hook(trainer, penalty, anchor, cfg.ewc.lam))
+        step_log = StepLogger(run.path("logs", phase.name), phase.name) if rank == 0 else None
+        job = Phase(phase.name, train, data_cfg, rows, plan)
+        try:
+            result = trainer.run_phase(
+                job, on_step=_step_printer(step_log, phase.name, job.steps),
+                grad_hook=penalty_hook(trainer, penalty, anchor, cfg.ewc.lam))
+        finally:
+            if step_log is not None:
+                step_log.close()
         change = global_change(trainer, anchor)
         ac.add(phase.kind, change)
         evaluation = held_out_scores(trainer, *held_out, cfg.sft.micro_batch_size)

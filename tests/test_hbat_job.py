@@ -10,6 +10,7 @@ command finds everything recorded and trains nothing.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def test_tiny_hbat_job_end_to_end(ray_cluster, tmp_path, capsys):
     for phase in phases:  # both objectives scored on the held-out toy sets after every phase
         held_out = manifest[phase]["metrics"]["eval"]
         assert held_out["ifa_nll"] > 0 and 0 <= held_out["hpa_accuracy"] <= 1
+        logs = run_dir / "logs" / phase  # every step of every phase, from rank 0
+        steps = [json.loads(line) for line in (logs / "steps.jsonl").open()]
+        assert [(r["step"], r["steps"]) for r in steps] == [(1, 2), (2, 2)]
+        assert steps[-1]["loss"] == pytest.approx(manifest[phase]["metrics"]["last"]["loss"])
+        assert list(logs.glob("events.out.tfevents.*"))
     policy = str(run_dir / "policy")
     assert not torch.allclose(_scores(policy), _scores(str(run_dir / "inputs" / "base")))
 
