@@ -270,10 +270,13 @@ def test_zero3_export_gathers_the_full_weights(gloo_rank, tiny_gpt2, tmp_path):
         phase = make_phase(toy_examples("preference", 8), max_steps=2, zero_stage=stage)
         trainer = Trainer(tiny_gpt2, phase.train)
         trainer.run_phase(phase)
+        # the update is torch's fused AdamW kernel at every stage (deepspeed_config)
+        inner = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)
+        assert type(inner) is torch.optim.AdamW and inner.defaults["fused"] is True
         model = AutoModelForCausalLM.from_pretrained(trainer.export(tmp_path / f"z{stage}"))
         exported[stage] = dict(model.named_parameters())
     # one rank: the same forward and gradients, so only the optimizer's elementwise AdamW over
-    # flat partitions vs per-tensor foreach rounds differently (~1 ulp of a step of 1e-3, i.e.
+    # flat partitions vs per-tensor ones rounds differently (~1 ulp of a step of 1e-3, i.e.
     # ~1e-10); atol 1e-6 = 0.1% of a step, which an export of the wrong (placeholder or
     # un-gathered) weights cannot meet.
     for name, value in exported[0].items():
