@@ -150,24 +150,37 @@ def logprobs_at(model: torch.nn.Module, targets: Tensor, scored: Tensor,
                 chunk_rows: int = DEFAULT_CHUNK_ROWS, **inputs: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row sums of log p(targets[:, t] | position t) over positions ``scored`` [B, T] marks,
     at least float32, and the counts of scored positions (B,); ``inputs`` go to the model."""
+    rows = scored.nonzero(as_tuple=True)
+    sums = gathered_logprobs(model, rows, targets[rows], rows[0], scored.shape[0], chunk_rows,
+                             **inputs)
+    return sums, scored.sum(-1)
+
+
+def gathered_logprobs(model: torch.nn.Module, index: tuple[Tensor, Tensor], targets: Tensor,
+                      slots: Tensor, num_slots: int, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                      **inputs: Tensor) -> Tensor:
+    """Sums (num_slots,), at least float32, of log p(targets[n] | the final hidden state at
+    (index[0][n], index[1][n])) into slot ``slots[n]``, from one forward of ``inputs``.
+
+    The general form of `logprobs_at`: a hidden state may score several targets and a slot
+    may collect tokens of several rows (`rayalign.pairpack` scores two responses of one row).
+    """
     out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1]
-    rows = scored.nonzero(as_tuple=True)
     head_module, scale, softcap = _head_of(model)
 
     def fused(h: Tensor) -> Tensor:  # runs as head_module's forward (module docstring)
         head = Head(head_module.weight, head_module.bias, scale, softcap)
         _check_head(head, hidden[:, -1].detach(), out.logits[:, -1], type(model).__name__)
-        return _HeadLogProb.apply(h, head.weight, head.bias, targets[rows], scale, softcap,
+        return _HeadLogProb.apply(h, head.weight, head.bias, targets, scale, softcap,
                                   chunk_rows)
 
     head_module.forward = fused
     try:
-        token_logps = head_module(hidden[rows])
+        token_logps = head_module(hidden[index])
     finally:
         del head_module.forward  # back to torch.nn.Linear.forward
-    sums = token_logps.new_zeros(scored.shape[0]).index_add_(0, rows[0], token_logps)
-    return sums, scored.sum(-1)
+    return token_logps.new_zeros(num_slots).index_add_(0, slots, token_logps)
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: SequenceBatch,
