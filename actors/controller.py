@@ -80,19 +80,13 @@ class LDAlignController:
     def run_all(self) -> list[dict]:
         """Run (or resume) the whole job; returns one summary row per policy theta_t."""
         cfg, run = self.cfg, self.run
-        setup = self.stage("setup", self._setup) if cfg.policy is None or cfg.data is None else None
-        train_data, eval_data = self._data("train", setup), self._data("eval", setup)
-        base = cfg.policy.path if cfg.policy else setup.outputs["base"]
+        policy, train_data, eval_data = self.theta0()
+        curves = {"sft": policy} if cfg.sft is not None else {}
+        sft_baseline = cfg.train.objective == "sft"
 
-        policy, curves = base, {}
-        if cfg.sft is not None:
-            out = run.path("sft", "policy")
-            policy = self._training_stage("sft", cfg.sft, train_data, base, out).outputs["policy"]
-            curves["sft"] = policy
-
-        samples = self._samples(0, train_data, policy)
         guide = None
-        if cfg.weights == "latent":
+        if cfg.weights == "latent" and not sft_baseline:
+            samples = self._samples(0, train_data, policy)
             out = run.path("guide")
             record = self.stage("guide", lambda: self._guide(train_data, samples, policy, out))
             self._gate(record.metrics)
@@ -101,17 +95,9 @@ class LDAlignController:
         rows = [self._evaluate("theta_0", eval_data, policy, guide, None)]
         for t in range(cfg.iterations):
             it = f"iter_{t:03d}"
-            samples = self._samples(t, train_data, policy)
-            pairs_path = run.path(it, "pairs.parquet")
-            pairs = self.stage(f"{it}/pairs", lambda: (
-                {"pairs": pairs_path},
-                pairs_stage(samples, policy, guide, pairs_path, train_data, cfg.pairs,
-                            self.dtype)))
-            pairs_data = DataConfig(path=pairs.outputs["pairs"], kind="preference",
-                                    max_prompt_length=train_data.max_prompt_length,
-                                    max_length=train_data.max_length)
-            out = run.path(it, "policy")
-            trained = self._training_stage(f"{it}/train", cfg.train, pairs_data, policy, out)
+            data = train_data if sft_baseline else self._pairs(t, train_data, policy, guide)
+            trained = self._training_stage(f"{it}/train", cfg.train, data, policy,
+                                           run.path(it, "policy"))
             policy = curves[it] = trained.outputs["policy"]
             rows.append(self._evaluate(f"theta_{t + 1}", eval_data, policy, guide, trained,
                                        baseline=rows[0]["scored"]))
@@ -119,13 +105,42 @@ class LDAlignController:
         self.stage("report", lambda: self._report(rows, curves))
         return rows
 
+    def _pairs(self, t: int, train_data: DataConfig, policy: str, guide: str | None) -> DataConfig:
+        """Iteration t's training data: y' ~ theta_t, weighted pairs with theta_t's reference
+        log-probs (the continual-SFT baseline, `train.objective: sft`, trains on D instead)."""
+        it = f"iter_{t:03d}"
+        samples = self._samples(t, train_data, policy)
+        pairs_path = self.run.path(it, "pairs.parquet")
+        pairs = self.stage(f"{it}/pairs", lambda: (
+            {"pairs": pairs_path},
+            pairs_stage(samples, policy, guide, pairs_path, train_data, self.cfg.pairs,
+                        self.dtype)))
+        return DataConfig(path=pairs.outputs["pairs"], kind="preference",
+                          max_prompt_length=train_data.max_prompt_length,
+                          max_length=train_data.max_length)
+
+    def theta0(self) -> tuple[str, DataConfig, DataConfig]:
+        """The setup and sft stages: theta_0's path, the training data D and the held-out
+        data (jobs/compare.py makes one theta_0 per seed this way and starts every arm from it)."""
+        cfg = self.cfg
+        setup = self.stage("setup", self._setup) if cfg.policy is None or cfg.data is None else None
+        train_data, eval_data = self._data("train", setup), self._data("eval", setup)
+        policy = cfg.policy.path if cfg.policy else setup.outputs["base"]
+        if cfg.sft is not None:
+            out = self.run.path("sft", "policy")
+            policy = self._training_stage("sft", cfg.sft, train_data, policy, out).outputs["policy"]
+        return str(policy), train_data, eval_data
+
     def _setup(self) -> tuple[dict, dict]:
         tiny, outputs = self.cfg.tiny, {}
         if self.cfg.data is None:
-            outputs["train"] = toytask.write_jsonl(self.run.path("data", "train.jsonl"),
-                                                   toytask.make_rows(tiny.train_rows, tiny.seed))
-            outputs["eval"] = toytask.write_jsonl(self.run.path("data", "eval.jsonl"),
-                                                  toytask.make_rows(tiny.eval_rows, tiny.seed + 1))
+            lengths = (tiny.min_digits, tiny.max_digits)
+            outputs["train"] = toytask.write_jsonl(
+                self.run.path("data", "train.jsonl"),
+                toytask.make_rows(tiny.train_rows, tiny.seed, *lengths))
+            outputs["eval"] = toytask.write_jsonl(
+                self.run.path("data", "eval.jsonl"),
+                toytask.make_rows(tiny.eval_rows, tiny.seed + 1, *lengths))
         if self.cfg.policy is None:
             outputs["base"] = build_tiny_checkpoint(
                 self.run.path("base"), toytask.corpus(), arch=tiny.arch,
@@ -204,7 +219,9 @@ class LDAlignController:
         row = {"policy": name, "scored": record.outputs["scored"],
                **{f"eval_{k}": v for k, v in record.metrics.items() if k != "n"}}
         for key, source in (("loss", "loss"), ("reward_margin", "margin"),
-                            ("reward_accuracy", "accuracy")):
+                            ("reward_accuracy", "accuracy"),
+                            ("reward_accuracy_distinct", "accuracy_distinct"),
+                            ("identical_share", "identical_share")):
             if train and source in train.metrics:
                 row[f"train_{key}"] = train.metrics[source]
         return row

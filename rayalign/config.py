@@ -435,14 +435,25 @@ class TinyDefaultConfig(Section):
     num_layers: int = Field(2, gt=0)
     train_rows: int = Field(512, gt=0)
     eval_rows: int = Field(64, gt=0)
+    min_digits: int = Field(3, gt=0, description="Shortest list the toy task sorts.")
+    max_digits: int = Field(6, gt=0, description="Longest list the toy task sorts.")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "TinyDefaultConfig":
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"min_digits ({self.min_digits}) exceeds max_digits ({self.max_digits})")
+        return self
 
 
 class LDAlignConfig(Section):
     """jobs/ld_align.py: LD-Align, Algorithm 1 (DESIGN.md "LD-Align weights").
 
     With no `policy` and no `data` this is the embedded tiny default (CPU, a few minutes).
-    `weights: uniform` gives every pair weight 1: SPIN with the same machinery.
+    `weights: uniform` gives every pair weight 1: SPIN with the same machinery;
+    `train.objective: sft` is the continual-SFT baseline of jobs/compare.py: every iteration
+    trains on D itself (as many rows as the pairs, so as many optimizer steps), no samples,
+    pairs or guide.
     """
 
     run_dir: str = Field("runs/ld_align_tiny", description="Local or NFS path; resumable.")
@@ -476,8 +487,9 @@ class LDAlignConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "LDAlignConfig":
-        if self.train.objective != "weighted_dpo":
-            raise ValueError("train.objective must be weighted_dpo (use weights: uniform for SPIN)")
+        if self.train.objective not in ("weighted_dpo", "sft"):
+            raise ValueError("train.objective must be weighted_dpo (use weights: uniform for SPIN)"
+                             " or sft (the continual-SFT baseline: each iteration trains on D)")
         if self.sft is not None and self.sft.objective != "sft":
             raise ValueError("sft.objective must be sft")
         if self.data is not None and self.data.kind != "sft":

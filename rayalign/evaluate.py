@@ -1,6 +1,7 @@
 """Held-out evaluation of a policy's samples against gold responses.
 
-`exact_match` is the toy task's metric; `gold_nll` is the teacher-forced negative
+`exact_match` is the toy task's metric, `position_accuracy` and `edit_distance` its graded
+forms (a near miss scores between a hit and a gross failure); `gold_nll` is the teacher-forced negative
 log-likelihood of the gold responses under the policy, the likelihood metric that works on
 open-ended data; `summarize` turns one policy's scored rows into its metrics (the surface
 and similarity metrics themselves are in `textmetrics`, `sentsim` and `rewardmodel`).
@@ -22,6 +23,31 @@ from .textmetrics import check_paired, distinct_n, duplicate_share, length_stats
 def exact_match(prediction: str, gold: str) -> bool:
     """Equal up to whitespace (the toy task's answers are space-separated tokens)."""
     return prediction.split() == gold.split()
+
+
+def position_accuracy(prediction: str, gold: str) -> float:
+    """Share of the gold answer's whitespace-separated words that the prediction has at the
+    same position (a graded exact match: one wrong digit of six scores 5/6, a missing tail
+    scores what came before it; extra words cost nothing here, `edit_distance` counts them).
+    1.0 for an empty gold answer only if the prediction is empty too."""
+    pred, ref = prediction.split(), gold.split()
+    if not ref:
+        return float(not pred)
+    return sum(p == g for p, g in zip(pred, ref)) / len(ref)
+
+
+def edit_distance(prediction: str, gold: str) -> int:
+    """Levenshtein distance between the two answers as sequences of whitespace-separated
+    words (insertions, deletions and substitutions of one word cost 1): how many digits a
+    toy-task answer is away from gold."""
+    pred, ref = prediction.split(), gold.split()
+    previous = list(range(len(ref) + 1))
+    for i, p in enumerate(pred, 1):
+        current = [i]
+        for j, g in enumerate(ref, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (p != g)))
+        previous = current
+    return previous[-1]
 
 
 def text_stats(texts: Sequence[str], prompts: Sequence[str]) -> dict[str, float]:
@@ -47,6 +73,9 @@ def summarize(scored: Mapping[str, Sequence],
         raise ValueError("no scored rows")
     out = {"n": len(samples),
            "exact_match": float(np.mean([exact_match(p, g) for p, g in zip(samples, golds)])),
+           "position_accuracy": float(np.mean([position_accuracy(p, g)
+                                               for p, g in zip(samples, golds)])),
+           "edit_distance": float(np.mean([edit_distance(p, g) for p, g in zip(samples, golds)])),
            "gold_nll": nll_per_token(scored["gold_nll"], scored["gold_tokens"]),
            **length_stats(scored["sample_tokens"], scored["truncated"]),
            **text_stats(samples, scored["prompt"]),

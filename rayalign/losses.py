@@ -456,3 +456,21 @@ def _check_lengths(lengths: Tensor, like: Tensor, name: str) -> Tensor:
     if not bool((lengths > 0).all()):
         raise ValueError(f"{name} must be positive token counts, got min {lengths.min().item()}")
     return lengths.to(like.dtype)
+
+
+def distinct_pair_wins(chosen_rewards: Tensor, rejected_rewards: Tensor,
+                       identical: Tensor) -> tuple[float, float]:
+    """Reward accuracy's counts over the pairs whose two responses differ: (pairs among them
+    with chosen reward > rejected reward, how many there are).
+
+    A pair with rejected == chosen (an LD-Align / SPIN sample equal to gold) has margin 0 up
+    to float noise and no DPO gradient; counted in the accuracy it is a miss or a coin flip
+    that says nothing about the policy. The accuracy is ``wins / distinct`` and the share of
+    identical pairs ``1 - distinct / pairs``, reported beside it.
+    """
+    if not (chosen_rewards.shape == rejected_rewards.shape == identical.shape):
+        raise ValueError(f"shapes differ: {tuple(chosen_rewards.shape)}, "
+                         f"{tuple(rejected_rewards.shape)}, {tuple(identical.shape)}")
+    distinct = ~identical.to(torch.bool)
+    wins = (chosen_rewards > rejected_rewards) & distinct
+    return float(wins.sum()), float(distinct.sum())

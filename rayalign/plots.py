@@ -4,7 +4,9 @@
 - distances.png: histograms of the guide's latent distance of samples to gold;
 - correlation.png: the LD-Align paper's §5.2 sanity check, latent distance s vs independent
   dissimilarities to gold (1 - cosine, 1 - ROUGE-L), with their Spearman correlations;
-- training.png: per-step training curves (loss, reward margin, reward accuracy) per stage.
+- training.png: per-step training curves (loss, reward margin, reward accuracy) per stage;
+- jobs/compare.py's metrics.png (each metric by iteration per arm, the seeds' spread shaded)
+  and tradeoff.png (two metrics per arm at its last iteration, with error bars).
 """
 
 from __future__ import annotations
@@ -111,4 +113,49 @@ def plot_curves(path: str | Path, curves: Mapping[str, Sequence[Mapping]]) -> Pa
         ax.set_title(title)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_comparison(path: str | Path, stats: Mapping[tuple[str, int, str], Mapping],
+                    arms: Sequence[str], metrics: Sequence[str]) -> Path:
+    """jobs/compare.py: one panel per metric, its mean over seeds by iteration, one line per
+    arm, the band mean ± sample std of the seeds (`rayalign.compare.aggregate`'s table)."""
+    plt = _pyplot()
+    fig, axes = _grid(plt, max(len(metrics), 1))
+    for ax, metric in zip(axes, metrics):
+        for arm in arms:
+            points = sorted((i, s) for (a, i, m), s in stats.items() if a == arm and m == metric)
+            if not points:
+                continue
+            x = [i for i, _ in points]
+            mean = [s["mean"] for _, s in points]
+            spread = [s["std"] or 0.0 for _, s in points]
+            ax.plot(x, mean, marker="o", label=arm)
+            ax.fill_between(x, [m - d for m, d in zip(mean, spread)],
+                            [m + d for m, d in zip(mean, spread)], alpha=0.2)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("iteration")
+        ax.set_title(metric, fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_tradeoff(path: str | Path, stats: Mapping[tuple[str, int, str], Mapping],
+                  arms: Sequence[str], x_metric: str, y_metric: str) -> Path:
+    """One point per arm at its last iteration: `x_metric` vs `y_metric` (means over seeds,
+    error bars one sample std): Hbat's trade-off between the two objectives."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for arm in arms:
+        last = max((i for a, i, m in stats if a == arm and m == x_metric), default=None)
+        if last is None or (arm, last, y_metric) not in stats:
+            continue
+        x, y = stats[(arm, last, x_metric)], stats[(arm, last, y_metric)]
+        ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0.0, yerr=y["std"] or 0.0,
+                    marker="o", capsize=3, label=arm)
+    ax.set_xlabel(x_metric)
+    ax.set_ylabel(y_metric)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     return _save(fig, Path(path))

@@ -19,6 +19,8 @@ from .plots import plot_correlation, plot_curves, plot_distances, plot_metrics
 
 EVAL_COLUMNS = (
     ("eval_exact_match", "exact match"),
+    ("eval_position_accuracy", "position acc"),
+    ("eval_edit_distance", "edit distance"),
     ("eval_gold_nll", "gold NLL/tok"),
     ("eval_rouge_l", "ROUGE-L"),
     ("eval_cosine", "cosine"),
@@ -36,6 +38,8 @@ TRAIN_COLUMNS = (
     ("train_loss", "train loss"),
     ("train_reward_margin", "reward margin"),
     ("train_reward_accuracy", "reward acc"),
+    ("train_reward_accuracy_distinct", "reward acc (sample != gold)"),
+    ("train_identical_share", "sample == gold"),
 )
 SAMPLE_CHARS = 400  # longer sample texts are cut in summary.md (the parquet files have them whole)
 

@@ -24,9 +24,9 @@ def make_example(rng: random.Random, min_len: int = 3, max_len: int = 6) -> dict
     }
 
 
-def make_rows(n: int, seed: int) -> list[dict[str, str]]:
+def make_rows(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[dict[str, str]]:
     rng = random.Random(seed)
-    return [make_example(rng) for _ in range(n)]
+    return [make_example(rng, min_len, max_len) for _ in range(n)]
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:

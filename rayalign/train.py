@@ -308,6 +308,7 @@ class MicroBatch:
     num_examples: int  # pairs, or SFT rows
     ref_logps: Tensor | None  # (2B,) chosen then rejected, when precomputed
     weights: Tensor | None  # (B,) for weighted_dpo
+    identical: Tensor | None = None  # (B,) bool, pairs: rejected == chosen token for token
 
 
 _RESPONSE_FIELDS = {"sft": ("response",), "preference": ("chosen", "rejected"),
@@ -357,12 +358,13 @@ def build_micro_batch(
         return MicroBatch(collate([ids(r, "completion") for r in ordered], tokenizer.pad_token_id),
                           sum(bool(r["label"]) for r in rows), _tensor(ref), None)
     # chosen rows, then rejected rows: one forward (as rayalign.data.collate_pairs)
-    seqs = collate([ids(r, "chosen") for r in rows] + [ids(r, "rejected") for r in rows],
-                   tokenizer.pad_token_id)
+    chosen, rejected = [ids(r, "chosen") for r in rows], [ids(r, "rejected") for r in rows]
+    seqs = collate(chosen + rejected, tokenizer.pad_token_id)
     ref = ([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows]
            if precomputed_ref else None)
     weights = _tensor([r["weight"] for r in rows]) if objective == "weighted_dpo" else None
-    return MicroBatch(seqs, len(rows), _tensor(ref), weights)
+    identical = torch.tensor([c == r for c, r in zip(chosen, rejected)], dtype=torch.bool)
+    return MicroBatch(seqs, len(rows), _tensor(ref), weights, identical)
 
 
 def _tensor(values: Sequence[float] | None) -> Tensor | None:
@@ -640,6 +642,11 @@ class Trainer:
             if train.objective != "aot_unpaired":  # accuracy needs pairs
                 wins = (terms.chosen_rewards > terms.rejected_rewards).float().mean().item()
                 _add(sums, accuracy=wins)
+            if batch.identical is not None:
+                distinct_wins, distinct = losses.distinct_pair_wins(
+                    terms.chosen_rewards, terms.rejected_rewards, batch.identical.to(self.device))
+                _add(sums, pairs=float(batch.num_examples), distinct_pairs=distinct,
+                     distinct_wins=distinct_wins)
         if weights is not None:
             _add(sums, weight=weights.mean().item())
         return True
@@ -648,7 +655,8 @@ class Trainer:
                         state: PhaseState) -> dict[str, float]:
         """Per-step metrics: means over micro-batches and ranks, rates over all ranks."""
         keys = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "weight",
-                "micro_batches", "examples", "tokens", "slots", "skipped")
+                "micro_batches", "examples", "tokens", "slots", "skipped", "pairs",
+                "distinct_pairs", "distinct_wins")
         # on the training device: an NCCL-only group rejects CPU tensors
         totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64,
                               device=self.device)
@@ -663,6 +671,10 @@ class Trainer:
                    "padding": 1.0 - t["tokens"] / t["slots"] if t["slots"] else 0.0}
         metrics.update({k: t[k] / n for k in ("chosen_reward", "rejected_reward", "margin",
                                               "accuracy", "weight") if k in sums})
+        if t["pairs"]:  # accuracy over the pairs whose responses differ, and their share
+            metrics["identical_share"] = 1.0 - t["distinct_pairs"] / t["pairs"]
+            if t["distinct_pairs"]:
+                metrics["accuracy_distinct"] = t["distinct_wins"] / t["distinct_pairs"]
         norm = self._grad_norm if self.clips_in_torch else self.engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)

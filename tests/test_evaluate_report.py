@@ -1,12 +1,47 @@
 import pytest
 
-from rayalign.evaluate import exact_match, guide_correlations, spearman, summarize
+from rayalign.evaluate import (
+    edit_distance,
+    exact_match,
+    guide_correlations,
+    position_accuracy,
+    spearman,
+    summarize,
+)
 from rayalign.report import gold_row, sample_rows, summary_table, training_table, write_report
 
 
 def test_exact_match_ignores_whitespace_only():
     assert exact_match(" 1 2  3", "1 2 3")
     assert not exact_match("1 2 3", "1 2 3 3")
+
+
+def test_position_accuracy_grades_near_misses():
+    """Gold 1 2 3 4: one digit replaced -> 3/4; one dropped at position 2 -> 1 2 4 matches
+    positions 1, 2 only -> 2/4; the tail missing -> 1 2 -> 2/4; an extra word -> 4/4 (extra
+    words are the edit distance's business); reversed 4 3 2 1 -> 0."""
+    gold = "1 2 3 4"
+    assert position_accuracy(" 1 2 3 4", gold) == 1.0
+    assert position_accuracy("1 2 5 4", gold) == 0.75
+    assert position_accuracy("1 2 4", gold) == 0.5
+    assert position_accuracy("1 2", gold) == 0.5
+    assert position_accuracy("1 2 3 4 4", gold) == 1.0
+    assert position_accuracy("4 3 2 1", gold) == 0.0
+    assert position_accuracy("", "") == 1.0 and position_accuracy("1", "") == 0.0
+
+
+def test_edit_distance_counts_word_edits():
+    """Levenshtein over words, by hand: one substitution 1, one deletion 1, one insertion 1,
+    a swap of neighbours 2 (two substitutions), to/from empty = the other's length,
+    kitten/sitting as letters-as-words = 3 (the textbook value)."""
+    gold = "1 2 3 4"
+    assert edit_distance("1 2 3 4", gold) == 0
+    assert edit_distance("1 2 5 4", gold) == 1
+    assert edit_distance("1 2 4", gold) == 1
+    assert edit_distance("1 2 3 3 4", gold) == 1
+    assert edit_distance("1 3 2 4", gold) == 2
+    assert edit_distance("", gold) == 4 and edit_distance(gold, "") == 4
+    assert edit_distance(" ".join("kitten"), " ".join("sitting")) == 3
 
 
 SCORED = {  # four held-out rows of one policy, as pipelines/evaluate.py writes them
@@ -23,13 +58,15 @@ def test_summarize():
     """2 of 4 exact; distance mean (0+1+2+5)/4 = 2; gold NLL (1+2+3+6)/(3+2+2+5) = 1 per
     token; length (2+1+2+6)/4 = 2.75, 1 of 4 cut; words 1 2 | 3 | 4 4 | ok x6: distinct-1
     = {1,2,3,4,ok} 5/11, bigrams (1 2)(4 4)(ok ok)x5 -> 3/7; one loop (ok x6) -> 0.25; no
-    duplicate answers; ROUGE-L mean (1+1+2/3+0)/4 = 2/3; cosine mean 0.5; reward mean 0.5.
+    duplicate answers; position accuracy 1, 1, 1 (the extra 4 is free), 0 -> 0.75; word edit
+    distance 0, 0, 1, 6 -> 1.75; ROUGE-L mean (1+1+2/3+0)/4 = 2/3; cosine mean 0.5; reward mean 0.5.
     Against a baseline with rewards [1, 3, -1, -1] and answers equal on row 3: tie, loss,
     win, tie (same answer) -> (0.5+0+1+0.5)/4 = 0.5."""
     baseline = {**SCORED, "reward": [1.0, 3.0, -1.0, -1.0]}
     out = summarize(SCORED, baseline)
     assert out == pytest.approx({
-        "n": 4, "exact_match": 0.5, "mean_distance": 2.0, "gold_nll": 1.0, "mean_length": 2.75,
+        "n": 4, "exact_match": 0.5, "position_accuracy": 0.75, "edit_distance": 1.75,
+        "mean_distance": 2.0, "gold_nll": 1.0, "mean_length": 2.75,
         "truncated_share": 0.25, "distinct_1": 5 / 11, "distinct_2": 3 / 7, "loop_share": 0.25,
         "duplicate_share": 0.0, "rouge_l": 2 / 3, "cosine": 0.5, "reward": 0.5, "win_rate": 0.5,
     }, abs=1e-12)

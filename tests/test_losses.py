@@ -17,6 +17,7 @@ from rayalign.losses import (
     PreferenceTerms,
     aot_loss,
     aot_terms,
+    distinct_pair_wins,
     dpo_loss,
     dpo_terms,
     ipo_loss,
@@ -451,3 +452,17 @@ def test_public_surface():
     assert set(AOT_LOSSES) == {"logistic", "hinge", "squared"}
     terms = PreferenceTerms(t(1, 3), t(0, 0), t(0, 0))
     torch.testing.assert_close(terms.loss, t(2)[0], **TOL)
+
+
+def test_distinct_pair_wins_leaves_identical_pairs_out():
+    """Rewards chosen [1, 0, 2, 0.5] vs rejected [0, 0, 3, 0.5 + 1e-7]: pairs 1 and 3 are
+    identical (their margins 0 and -1e-7 are float noise, not preferences) and are left
+    out; of pairs 0 and 2 one wins -> (1 win, 2 distinct), accuracy 1/2, identical share
+    1/2 (plain accuracy would say 1/4)."""
+    chosen = torch.tensor([1.0, 0.0, 2.0, 0.5])
+    rejected = torch.tensor([0.0, 0.0, 3.0, 0.5 + 1e-7])
+    identical = torch.tensor([False, True, False, True])
+    assert distinct_pair_wins(chosen, rejected, identical) == (1.0, 2.0)
+    assert distinct_pair_wins(chosen, rejected, torch.ones(4, dtype=torch.bool)) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        distinct_pair_wins(chosen, rejected, identical[:3])

@@ -262,6 +262,16 @@ def test_pretokenized_rows_give_the_same_micro_batch(tiny_gpt2, objective):
         assert torch.equal(raw.weights, pre.weights)
 
 
+def test_micro_batch_marks_identical_pairs(tiny_gpt2):
+    """A pair whose rejected text equals its chosen one is marked identical (token for token);
+    one that differs by a digit is not."""
+    data = DataConfig(path="toy.jsonl", kind="preference")
+    rows = [{"prompt": "sort: 2 1 =>", "chosen": " 1 2", "rejected": " 1 2"},
+            {"prompt": "sort: 2 1 =>", "chosen": " 1 2", "rejected": " 1 1"}]
+    batch = build_micro_batch(load_tokenizer(tiny_gpt2), rows, "dpo", data, False)
+    assert batch.identical.tolist() == [True, False]
+
+
 def test_zero3_export_gathers_the_full_weights(gloo_rank, tiny_gpt2, tmp_path):
     """Under ZeRO-3 the module holds empty placeholders; the export must hold the weights,
     equal to a ZeRO-0 run of the same steps."""

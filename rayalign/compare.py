@@ -1,0 +1,201 @@
+"""Comparing methods (jobs/compare.py): the config, each arm's job config, and the statistics.
+
+A comparison runs several *arms* of one job (`job`: ld_align or hbat) from one config: every
+arm is the shared `base` job config plus its own dotted overrides, run once per seed in its
+own resumable run directory ``<run_dir>/<arm>/seed_<s>``. This module holds the pure part:
+building and validating each arm's config (errors name ``arms.<arm>.<key>`` before any
+cluster time), and turning the arms' per-iteration result rows into the per-seed CSV rows,
+the mean +- sample std over seeds per (arm, iteration, metric), and the Markdown tables.
+The Ray side (running the arms, resuming) is orchestration/compare.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .config import (
+    ConfigError,
+    HbatConfig,
+    LDAlignConfig,
+    Section,
+    _default_sections,
+    _merge,
+    _set_dotted,
+    build_config,
+)
+
+JOB_CONFIGS = {"ld_align": LDAlignConfig, "hbat": HbatConfig}
+# the key of the run directory in each job's config
+RUN_DIR_KEY = {"ld_align": "run_dir", "hbat": "run_dir"}
+
+
+class CompareConfig(Section):
+    """jobs/compare.py: arms x seeds of one job, the same data, evaluation and budget."""
+
+    run_dir: str = Field("runs/compare", description="Parent of every arm's run directories "
+                         "(<run_dir>/<arm>/seed_<s>) and the comparison's outputs; resumable.")
+    job: Literal["ld_align", "hbat"] = Field(description="The job every arm runs.")
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="One run per arm and seed.")
+    seed_keys: tuple[str, ...] = Field(
+        ("tiny.seed", "sampling.seed", "train.seed"), description="Dotted job-config keys set "
+        "to the seed in every arm (model init, toy data, sampling, data order); a key under a "
+        "null section is skipped.")
+    shared_theta0: bool = Field(
+        True, description="ld_align: make theta_0 (setup + sft of `base`) once per seed and "
+        "start every arm from it (arms then run with sft: null), so every arm's theta_0 is the "
+        "same policy.")
+    base: dict[str, Any] = Field(default_factory=dict, description="The job config every arm "
+                                 "shares (as that job's YAML file).")
+    arms: dict[str, dict[str, Any]] = Field(min_length=1, description="Arm name -> dotted "
+                                            "overrides of `base` (e.g. weights: uniform).")
+    metrics: tuple[str, ...] = Field((), description="Metrics tabulated and plotted (keys of "
+                                     "the result rows); empty = every numeric one.")
+
+    @model_validator(mode="after")
+    def _arms_valid(self) -> "CompareConfig":
+        for arm in self.arms:
+            if not arm.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"arms.{arm}: an arm name must be letters, digits, - and _")
+            for seed in self.seeds:
+                try:
+                    arm_config(self, arm, seed, run_dir=f"{self.run_dir}/{arm}/seed_{seed}")
+                except ConfigError as err:
+                    raise ValueError(f"seed {seed}: {err}") from None
+        return self
+
+
+def job_tree(cfg: CompareConfig, seed: int, run_dir: str,
+             overrides: Mapping[str, Any] | None = None) -> dict:
+    """The job-config dict of one run: the job's defaults, then `base`, then the dotted
+    `overrides`, then the seed keys and the run directory."""
+    tree = _merge(_default_sections(JOB_CONFIGS[cfg.job]), cfg.base)
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    for key in cfg.seed_keys:
+        if _section_present(tree, key):
+            _set_dotted(tree, key, seed)
+    _set_dotted(tree, RUN_DIR_KEY[cfg.job], run_dir)
+    return tree
+
+
+def _section_present(tree: dict, dotted: str) -> bool:
+    """False when a section on the key's path is null (e.g. ``sft.seed`` once an arm runs with
+    ``sft: null``): a seed key of a section that is off is skipped, not an error."""
+    node = tree
+    for key in dotted.split(".")[:-1]:
+        node = node.get(key, {}) if isinstance(node, dict) else None
+        if node is None:
+            return False
+    return True
+
+
+def arm_tree(cfg: CompareConfig, arm: str, seed: int, run_dir: str,
+             extra: Mapping[str, Any] | None = None) -> dict:
+    """`job_tree` of one arm: `base`, the arm's overrides, then `extra` (the runner's shared
+    theta_0: policy, data, sft: null)."""
+    return job_tree(cfg, seed, run_dir, {**cfg.arms[arm], **(extra or {})})
+
+
+def arm_config(cfg: CompareConfig, arm: str, seed: int, run_dir: str,
+               extra: Mapping[str, Any] | None = None):
+    """`arm_tree` validated as the job's config (a ConfigError names the key)."""
+    return build_config(JOB_CONFIGS[cfg.job], arm_tree(cfg, arm, seed, run_dir, extra),
+                        f"arms.{arm}")
+
+
+def long_rows(results: Mapping[str, Mapping[int, Sequence[Mapping]]]) -> list[dict]:
+    """One CSV row per (arm, seed, iteration, metric) from ``results[arm][seed]`` = the arm's
+    result rows in iteration order (numeric values only; booleans and None are skipped)."""
+    out = []
+    for arm, seeds in results.items():
+        for seed, rows in seeds.items():
+            for iteration, row in enumerate(rows):
+                for metric, value in row.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        out.append({"arm": arm, "seed": seed, "iteration": iteration,
+                                    "label": str(row.get("policy", row.get("phase", iteration))),
+                                    "metric": metric, "value": float(value)})
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof = 1: the spread a new seed would show);
+    std is None for a single value, where it is undefined."""
+    if not values:
+        raise ValueError("no values")
+    mean = math.fsum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(rows: Sequence[Mapping]) -> dict[tuple[str, int, str], dict]:
+    """(arm, iteration, metric) -> {mean, std, n, label} over the seeds present."""
+    groups: dict[tuple[str, int, str], list] = {}
+    labels: dict[tuple[str, int, str], str] = {}
+    for r in rows:
+        key = (r["arm"], r["iteration"], r["metric"])
+        groups.setdefault(key, []).append(r["value"])
+        labels[key] = r["label"]
+    out = {}
+    for key, values in groups.items():
+        mean, std = mean_std(values)
+        out[key] = {"mean": mean, "std": std, "n": len(values), "label": labels[key]}
+    return out
+
+
+def metric_names(stats: Mapping[tuple[str, int, str], dict], wanted: Sequence[str] = ()) -> list[str]:
+    """The metrics to show: `wanted` (those present, in that order), else all in first-seen order."""
+    present = list(dict.fromkeys(metric for _, _, metric in stats))
+    return [m for m in wanted if m in present] if wanted else present
+
+
+def cell(stat: Mapping | None) -> str:
+    """``mean ± std`` (4 significant digits; no ± for a single seed)."""
+    if stat is None:
+        return "-"
+    text = f"{stat['mean']:.4g}"
+    return text if stat["std"] is None else f"{text} ± {stat['std']:.2g}"
+
+
+def metric_table(stats: Mapping[tuple[str, int, str], dict], metric: str,
+                 arms: Sequence[str]) -> str:
+    """A Markdown table of one metric: a row per arm, a column per iteration (the label of
+    the arm's row, e.g. theta_1 or a phase name, is shown when the arms agree on it)."""
+    iterations = sorted({i for a, i, m in stats if m == metric})
+    heads = []
+    for i in iterations:
+        labels = {stats[(a, i, metric)]["label"] for a in arms if (a, i, metric) in stats}
+        heads.append(labels.pop() if len(labels) == 1 else f"iter {i}")
+    lines = [f"| arm | {' | '.join(heads)} |", "|---" * (len(heads) + 1) + "|"]
+    for arm in arms:
+        cells = [cell(stats.get((arm, i, metric))) for i in iterations]
+        lines.append(f"| {arm} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def comparison_markdown(title: str, stats: Mapping[tuple[str, int, str], dict],
+                        arms: Sequence[str], seeds: Sequence[int], wanted: Sequence[str] = (),
+                        notes: Sequence[str] = ()) -> str:
+    """comparison.md: what was compared, then one table per metric (mean ± std over seeds)."""
+    parts = [f"# {title}", "",
+             f"Arms: {', '.join(arms)}. Seeds: {', '.join(map(str, seeds))}. Each cell is "
+             f"mean ± sample std (ddof 1) over seeds; per-seed values in per_seed.csv.", ""]
+    parts += [f"- {note}" for note in notes]
+    for metric in metric_names(stats, wanted):
+        parts += ["", f"## {metric}", "", metric_table(stats, metric, arms)]
+    return "\n".join(parts) + "\n"
+
+
+def check_arm_inputs(cfg: CompareConfig) -> None:
+    """`rayalign.preflight.check_inputs` on every arm's job config (first seed), so a bad model
+    path or data row of `base` or an arm is named (``arms.<arm>.<key>``) before Ray starts."""
+    from .preflight import check_inputs
+
+    for arm in cfg.arms:
+        seed = cfg.seeds[0]
+        check_inputs(arm_config(cfg, arm, seed, f"{cfg.run_dir}/{arm}/seed_{seed}"), f"arms.{arm}.")

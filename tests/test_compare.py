@@ -1,0 +1,95 @@
+"""rayalign/compare.py: arm configs and the statistics of a comparison (no Ray)."""
+
+import statistics
+
+import pytest
+
+from rayalign.compare import (
+    CompareConfig,
+    aggregate,
+    arm_config,
+    cell,
+    comparison_markdown,
+    long_rows,
+    mean_std,
+    metric_table,
+)
+from rayalign.config import ConfigError, build_config, load_config
+
+ARMS = {"ld_align": {"weights": "latent"}, "spin": {"weights": "uniform"},
+        "sft": {"train.objective": "sft", "train.lr": 1e-3}}
+
+
+def _cfg(**extra) -> CompareConfig:
+    return build_config(CompareConfig, {"job": "ld_align", "run_dir": "runs/c", "arms": ARMS,
+                                        "base": {"iterations": 3, "train": {"beta": 0.2}},
+                                        **extra})
+
+
+def test_arm_config_is_base_then_arm_then_seed():
+    """Arm overrides win over `base`, which wins over the job's defaults; the seed keys and
+    the run directory are set last."""
+    cfg = _cfg(seed_keys=["tiny.seed", "train.seed"])
+    sft = arm_config(cfg, "sft", 7, "runs/c/sft/seed_7")
+    assert (sft.train.objective, sft.train.lr, sft.train.beta) == ("sft", 1e-3, 0.2)
+    assert sft.train.micro_batch_size == 16  # LD-Align's default train section, not TrainConfig's
+    assert (sft.tiny.seed, sft.train.seed, sft.sampling.seed) == (7, 7, 0)
+    assert sft.run_dir == "runs/c/sft/seed_7" and sft.iterations == 3
+    cfg = _cfg(seed_keys=["sft.seed", "train.seed"])
+    spin = arm_config(cfg, "spin", 1, "x", {"sft": None, "policy": {"path": "/p"}})
+    assert spin.weights == "uniform" and spin.sft is None and spin.policy.path == "/p"
+    assert spin.train.seed == 1  # sft.seed skipped: the section is off
+
+
+def test_bad_arm_is_named_before_anything_runs():
+    with pytest.raises(ConfigError, 
+                       match=r"(?s)seed 0: invalid config arms\.bad.*train.objective must be"):
+        _cfg(arms={**ARMS, "bad": {"train.objective": "aot"}})
+    with pytest.raises(ConfigError, match=r"(?s)arms\.typo.*trian: unknown key"):
+        _cfg(arms={"typo": {"trian.lr": 1.0}})
+    with pytest.raises(ConfigError, match="seeds"):
+        _cfg(seeds=[])
+
+
+def test_shipped_comparison_configs_are_valid():
+    for name in ("ld_align", "hbat"):
+        cfg = load_config(CompareConfig, f"configs/compare/{name}.yaml")
+        assert len(cfg.seeds) >= 3 and len(cfg.arms) >= 3
+
+
+def test_mean_std_is_the_sample_std():
+    """[1, 2, 4]: mean 7/3, squared deviations 16/9 + 1/9 + 25/9 = 42/9, / (n - 1) = 7/3."""
+    mean, std = mean_std([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3, abs=1e-15) and std == pytest.approx((7 / 3) ** 0.5)
+    assert std == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]), abs=1e-15)
+    assert mean_std([5.0]) == (5.0, None)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+RESULTS = {  # two arms, two seeds, two iterations (as the controllers' rows)
+    "a": {0: [{"policy": "theta_0", "eval_em": 0.5, "scored": "x.parquet", "flag": True},
+              {"policy": "theta_1", "eval_em": 0.7, "train_loss": 0.6}],
+          1: [{"policy": "theta_0", "eval_em": 0.3}, {"policy": "theta_1", "eval_em": 0.5}]},
+    "b": {0: [{"policy": "theta_0", "eval_em": 0.5}, {"policy": "theta_1", "eval_em": 0.2}]},
+}
+
+
+def test_long_rows_and_aggregate():
+    """Strings and booleans are not metrics; a(theta_1) = mean(0.7, 0.5) = 0.6, sample std
+    sqrt(2 * 0.1^2 / 1) = 0.1414; b has one seed: no std."""
+    rows = long_rows(RESULTS)
+    assert {r["metric"] for r in rows} == {"eval_em", "train_loss"}
+    assert rows[0] == {"arm": "a", "seed": 0, "iteration": 0, "label": "theta_0",
+                       "metric": "eval_em", "value": 0.5}
+    stats = aggregate(rows)
+    assert stats[("a", 1, "eval_em")] == {"mean": pytest.approx(0.6), "std": pytest.approx(
+        0.02 ** 0.5), "n": 2, "label": "theta_1"}
+    assert stats[("a", 1, "train_loss")]["n"] == 1
+    assert stats[("b", 1, "eval_em")]["std"] is None
+    table = metric_table(stats, "eval_em", ["a", "b"])
+    assert table.splitlines() == ["| arm | theta_0 | theta_1 |", "|---|---|---|",
+                                  "| a | 0.4 ± 0.14 | 0.6 ± 0.14 |", "| b | 0.5 | 0.2 |"]
+    assert cell(None) == "-"
+    text = comparison_markdown("T", stats, ["a", "b"], [0, 1], ["eval_em"], ["a note"])
+    assert "## eval_em" in text and "## train_loss" not in text and "- a note" in text
