@@ -1,7 +1,8 @@
-"""DPO-family preference training (dpo, weighted_dpo, ipo) as a Ray Train + DeepSpeed job.
+"""DPO-family preference training (dpo, weighted_dpo, ipo, kto) as a Ray Train + DeepSpeed job.
 
     python jobs/dpo.py                              # tiny default: local Ray, 2 CPU workers
     python jobs/dpo.py --set train.objective=ipo
+    python jobs/dpo.py --set train.objective=kto      # unpaired (prompt, completion, label) rows
     python jobs/dpo.py --config my.yaml --set train.num_workers=8 --set train.use_gpu=true
     ray job submit --working-dir . -- python jobs/dpo.py --config my.yaml
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from rayalign.cli import parse_job_config  # noqa: E402
 from rayalign.config import TrainJobConfig  # noqa: E402
 
-OBJECTIVES = ("dpo", "weighted_dpo", "ipo")
+OBJECTIVES = ("dpo", "weighted_dpo", "ipo", "kto")
 
 
 def main(argv: list[str] | None = None) -> int:

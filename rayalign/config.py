@@ -205,10 +205,12 @@ class LoraConfig(Section):
 class TrainConfig(Section):
     """One training phase: objective, optimisation and DeepSpeed settings."""
 
-    objective: Literal["sft", "dpo", "weighted_dpo", "aot", "aot_unpaired", "ipo"] = "dpo"
+    objective: Literal["sft", "dpo", "weighted_dpo", "aot", "aot_unpaired", "ipo", "kto"] = "dpo"
     beta: float = Field(0.1, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     aot_loss: Literal["logistic", "hinge", "squared"] = "logistic"
+    desirable_weight: float = Field(1.0, gt=0.0, description="kto: lambda_D (KTO Eq. 8).")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="kto: lambda_U.")
     lr: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .losses import PreferenceTerms, check_beta, check_logps
 
-__all__ = ["kto_reference_point", "kto_terms"]
+__all__ = ["kto_mean_reference_point", "kto_reference_point", "kto_terms"]
 
 
 def kto_reference_point(kl_policy_logps: Tensor, kl_ref_logps: Tensor) -> Tensor:
@@ -41,6 +41,15 @@ def kto_reference_point(kl_policy_logps: Tensor, kl_ref_logps: Tensor) -> Tensor
         raise ValueError(f"KL log-probs must be two non-empty tensors of one shape, got "
                          f"{tuple(kl_policy_logps.shape)} and {tuple(kl_ref_logps.shape)}")
     return (kl_policy_logps - kl_ref_logps).mean().detach().clamp(min=0)
+
+
+def kto_mean_reference_point(rank_means: Tensor) -> Tensor:
+    """z0 under data parallelism as TRL computes it: each rank's mean KL log-ratio
+    (`kto_reference_point` before its clamp), gathered, averaged, then clamped at 0; detached,
+    0-dim. One rank: ``kto_reference_point`` of that rank's tensors."""
+    if rank_means.dim() != 1 or rank_means.numel() == 0:
+        raise ValueError(f"rank_means must be a non-empty 1-D tensor, got {tuple(rank_means.shape)}")
+    return rank_means.detach().mean().clamp(min=0)
 
 
 def kto_terms(

@@ -27,13 +27,15 @@ Micro-batches. Each epoch the rank's rows are put in the length-grouped order of
 `rayalign.grouping.grouped_batches` (seeded by ``seed`` and the epoch; ``length_window`` 0
 keeps the shard's order), and each micro-batch is padded to its own longest sequence; the step
 metrics report the padding share. Paired objectives and SFT take ``micro_batch_size``
-consecutive rows of that order. ``aot_unpaired`` reads (prompt, completion, label) rows in
+consecutive rows of that order. ``aot_unpaired`` and ``kto`` read (prompt, completion, label) rows in
 that order and fills two buffers; a micro-batch is the first ``micro_batch_size`` rows
 labelled true (chosen) and the first ``micro_batch_size`` labelled false (rejected), so
 chosen and rejected sets have equal sizes on every rank (AOT's gather needs equal per-rank
 sizes); rows left in a buffer at the end of an epoch are dropped for that epoch. A shard
 therefore needs both labels in about equal numbers (the Ray driver, actors/trainer.py, ships
-them so).
+them so). ``kto`` also forwards, without gradient, each micro-batch's mismatched pairs
+(`kl_pairs`: prompt i with completion i - 1, TRL's shift) through the policy and the
+reference for KTO's reference point z0, averaged over the ranks (`rayalign.kto`).
 
 Non-finite loss: all ranks agree (one all-reduce) and skip the micro-batch (no backward, so
 no rank's gradients see it); more than ``max_nan_steps`` consecutive skips raise
@@ -82,6 +84,7 @@ from .data import (
 )
 from .dsops import ensure_ops
 from .grouping import grouped_batches
+from .kto import kto_mean_reference_point, kto_terms
 from .logprobs import sequence_logprobs
 from .lora import adapters_disabled, apply_lora, export_lora
 from .models import load_model, load_tokenizer, resolve_dtype, save_checkpoint
@@ -95,6 +98,7 @@ OBJECTIVE_DATA_KIND = {
     "ipo": "preference",
     "aot": "preference",
     "aot_unpaired": "unpaired",
+    "kto": "unpaired",
 }
 _EXAMPLE_TYPE = {"sft": SFTExample, "preference": PreferenceExample, "unpaired": UnpairedExample}
 _DS_TAG = "deepspeed"
@@ -273,11 +277,11 @@ def micro_batches(rows: Iterable[Mapping], objective: str, size: int, window: in
     length-grouped order of `rayalign.grouping.grouped_batches` (``window`` > 0)."""
     if window > 0:
         rows = list(rows)
+        unpaired = OBJECTIVE_DATA_KIND[objective] == "unpaired"
         batches = grouped_batches([_row_length(r) for r in rows],
-                                  size * (2 if objective == "aot_unpaired" else 1), window, seed,
-                                  epoch)
+                                  size * (2 if unpaired else 1), window, seed, epoch)
         rows = [rows[i] for batch in batches for i in batch]
-    if objective != "aot_unpaired":
+    if OBJECTIVE_DATA_KIND[objective] != "unpaired":
         it = iter(rows)
         while chunk := list(itertools.islice(it, size)):
             yield chunk
@@ -309,6 +313,7 @@ class MicroBatch:
     ref_logps: Tensor | None  # (2B,) chosen then rejected, when precomputed
     weights: Tensor | None  # (B,) for weighted_dpo
     identical: Tensor | None = None  # (B,) bool, pairs: rejected == chosen token for token
+    kl_sequences: SequenceBatch | None = None  # kto: prompt i with completion i-1 (z0's estimate)
 
 
 _RESPONSE_FIELDS = {"sft": ("response",), "preference": ("chosen", "rejected"),
@@ -355,8 +360,11 @@ def build_micro_batch(
     if kind == "unpaired":
         ordered = [r for r in rows if r["label"]] + [r for r in rows if not r["label"]]
         ref = [r["ref_logps"] for r in ordered] if precomputed_ref else None
-        return MicroBatch(collate([ids(r, "completion") for r in ordered], tokenizer.pad_token_id),
-                          sum(bool(r["label"]) for r in rows), _tensor(ref), None)
+        seqs = [ids(r, "completion") for r in ordered]
+        kl = collate(kl_pairs(seqs, data.max_length), tokenizer.pad_token_id) \
+            if objective == "kto" else None
+        return MicroBatch(collate(seqs, tokenizer.pad_token_id), sum(bool(r["label"]) for r in rows),
+                          _tensor(ref), None, kl_sequences=kl)
     # chosen rows, then rejected rows: one forward (as rayalign.data.collate_pairs)
     chosen, rejected = [ids(r, "chosen") for r in rows], [ids(r, "rejected") for r in rows]
     seqs = collate(chosen + rejected, tokenizer.pad_token_id)
@@ -365,6 +373,15 @@ def build_micro_batch(
     weights = _tensor([r["weight"] for r in rows]) if objective == "weighted_dpo" else None
     identical = torch.tensor([c == r for c, r in zip(chosen, rejected)], dtype=torch.bool)
     return MicroBatch(seqs, len(rows), _tensor(ref), weights, identical)
+
+
+def kl_pairs(seqs: Sequence[tuple[list[int], list[int]]], max_length: int
+             ) -> list[tuple[list[int], list[int]]]:
+    """KTO's mismatched pairs for its KL estimate z0: prompt i with the completion of example
+    i - 1 (the first prompt gets the last completion), as TRL's ``_get_kl_dataset`` shifts
+    the completions within a batch; the completion is cut to fit ``max_length``."""
+    return [(prompt, seqs[i - 1][1][:max(1, max_length - len(prompt))])
+            for i, (prompt, _) in enumerate(seqs)]
 
 
 def _tensor(values: Sequence[float] | None) -> Tensor | None:
@@ -385,11 +402,13 @@ def objective_loss(
     ref_logps: Tensor | None,
     weights: Tensor | None,
     num_chosen: int,
+    reference_point: Tensor | None = None,
 ) -> tuple[Tensor, losses.PreferenceTerms | None]:
     """The loss of one micro-batch, and the preference terms (rewards) for logging.
 
     ``policy_logps`` / ``num_tokens`` / ``ref_logps`` hold the chosen sequences first
     (``num_chosen`` of them), then the rejected ones; SFT has no reference and no terms.
+    ``reference_point``: KTO's z0 (`rayalign.kto`), computed by the trainer.
     """
     if objective == "sft":
         return losses.sft_loss(policy_logps, num_tokens), None
@@ -405,6 +424,10 @@ def objective_loss(
     elif objective in ("aot", "aot_unpaired"):
         terms = losses.aot_terms(pc, pr, rc, rr, beta=train.beta, paired=objective == "aot",
                                  loss=train.aot_loss, label_smoothing=train.label_smoothing)
+    elif objective == "kto":
+        terms = kto_terms(pc, pr, rc, rr, beta=train.beta, reference_point=reference_point,
+                          desirable_weight=train.desirable_weight,
+                          undesirable_weight=train.undesirable_weight)
     else:
         raise ValueError(f"unknown objective {objective!r}")
     return terms.loss, terms
@@ -618,8 +641,10 @@ class Trainer:
             ref = self.reference_logps(seqs)
         ref = None if ref is None else ref.to(self.device, policy_logps.dtype)
         weights = None if batch.weights is None else batch.weights.to(self.device)
+        z0 = None if batch.kl_sequences is None else self.kto_reference_point(
+            batch.kl_sequences.to(self.device))
         loss, terms = objective_loss(train.objective, train, policy_logps, num_tokens, ref,
-                                     weights, batch.num_examples)
+                                     weights, batch.num_examples, z0)
         if not self._all(bool(torch.isfinite(loss))):
             state.nonfinite_run += 1
             if state.nonfinite_run > train.max_nan_steps:
@@ -639,7 +664,7 @@ class Trainer:
         if terms is not None:
             chosen, rejected = terms.chosen_rewards.mean().item(), terms.rejected_rewards.mean().item()
             _add(sums, chosen_reward=chosen, rejected_reward=rejected, margin=chosen - rejected)
-            if train.objective != "aot_unpaired":  # accuracy needs pairs
+            if OBJECTIVE_DATA_KIND[train.objective] != "unpaired":  # accuracy needs pairs
                 wins = (terms.chosen_rewards > terms.rejected_rewards).float().mean().item()
                 _add(sums, accuracy=wins)
             if batch.identical is not None:
@@ -687,6 +712,18 @@ class Trainer:
         t = torch.tensor([0 if flag else 1], dtype=torch.int32, device=self.device)
         dist.all_reduce(t)
         return int(t) == 0
+
+    def kto_reference_point(self, kl_seqs: SequenceBatch) -> Tensor:
+        """KTO's z0 for this micro-batch: the mismatched pairs' mean log-ratio under the policy
+        and the reference (no gradient), averaged over the ranks as TRL gathers it, >= 0."""
+        with torch.no_grad():
+            policy, _ = sequence_logprobs(self.engine, kl_seqs)
+        ratio = (policy - self.reference_logps(kl_seqs).to(policy.dtype)).mean().reshape(1)
+        if self.world_size > 1:
+            means = [torch.empty_like(ratio) for _ in range(self.world_size)]
+            dist.all_gather(means, ratio)
+            ratio = torch.cat(means)
+        return kto_mean_reference_point(ratio.detach())
 
     def reference_logps(self, seqs: SequenceBatch) -> Tensor:
         """Summed response log-probs under the reference model (no gradient): the policy with

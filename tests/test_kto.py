@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rayalign.kto import kto_reference_point, kto_terms
+from rayalign.kto import kto_mean_reference_point, kto_reference_point, kto_terms
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 
@@ -116,3 +116,15 @@ def test_empty_sets_and_shape_mismatch_are_refused():
         kto_terms(t(-1, -2), t(-2), t(-1), t(-2), beta=0.1, reference_point=torch.tensor(0.0))
     with pytest.raises(ValueError, match="non-empty"):
         kto_reference_point(e, e)
+
+
+def test_mean_reference_point_averages_rank_means_then_clamps():
+    """Ranks' mean log-ratios [0.4, -0.1, 0.3] -> mean 0.2; [-0.5, 0.1] -> -0.2 -> 0;
+    one rank equals kto_reference_point of its tensors."""
+    assert float(kto_mean_reference_point(torch.tensor([0.4, -0.1, 0.3]))) == pytest.approx(0.2)
+    assert float(kto_mean_reference_point(torch.tensor([-0.5, 0.1]))) == 0.0
+    pol, ref = torch.tensor([-3.0, -1.0]), torch.tensor([-2.5, -1.1])
+    one = kto_mean_reference_point((pol - ref).mean().reshape(1))
+    assert float(one) == pytest.approx(float(kto_reference_point(pol, ref)))
+    with pytest.raises(ValueError, match="1-D"):
+        kto_mean_reference_point(torch.tensor(0.3))

@@ -14,7 +14,7 @@ from rayalign.data import PreferenceExample, UnpairedExample, load_dataset
 from rayalign.train import OBJECTIVE_DATA_KIND
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = {"sft": ("sft",), "dpo": ("dpo", "weighted_dpo", "ipo"), "aot": ("aot", "aot_unpaired")}
+JOBS = {"sft": ("sft",), "dpo": ("dpo", "weighted_dpo", "ipo", "kto"), "aot": ("aot", "aot_unpaired")}
 
 
 def _job(name: str):
@@ -34,7 +34,7 @@ def test_job_default_config_trains_its_objective(name):
 
 def test_job_rejects_an_objective_it_does_not_train(capsys):
     assert _job("dpo").main(["--set", "train.objective=aot"]) == 2
-    assert "trains dpo, weighted_dpo, ipo; got train.objective='aot'" in capsys.readouterr().err
+    assert "trains dpo, weighted_dpo, ipo, kto; got train.objective='aot'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVE_DATA_KIND))

@@ -22,12 +22,14 @@ from rayalign.data import PreferenceExample, SFTExample, UnpairedExample, collat
 from rayalign.logprobs import sequence_logprobs
 from rayalign.models import load_model, load_tokenizer
 from rayalign.train import (
+    OBJECTIVE_DATA_KIND,
     DataPlan,
     NonFiniteLossError,
     Phase,
     Trainer,
     build_micro_batch,
     deepspeed_config,
+    kl_pairs,
     lr_at,
     micro_batches,
     plan_data,
@@ -54,7 +56,7 @@ def toy_examples(kind: str, n: int = 16, seed: int = 1) -> list:
 def make_phase(examples, name="p", world_size=1, **train) -> Phase:
     cfg = TrainConfig(**{"lr": 1e-3, "micro_batch_size": 4, "beta": 0.5, "warmup_ratio": 0.0,
                          **train})
-    kind = {"sft": "sft", "aot_unpaired": "unpaired"}.get(cfg.objective, "preference")
+    kind = OBJECTIVE_DATA_KIND[cfg.objective]
     return Phase(name, cfg, DataConfig(path="toy.jsonl", kind=kind, **LIMITS), to_rows(examples),
                  plan_data(examples, cfg, world_size))
 
@@ -121,12 +123,12 @@ def test_plan_data_checks_kind_and_reference_columns():
 
 # -- the loop --------------------------------------------------------------------------------
 
-OBJECTIVES = ["sft", "dpo", "weighted_dpo", "ipo", "aot", "aot_unpaired"]
+OBJECTIVES = ["sft", "dpo", "weighted_dpo", "ipo", "aot", "aot_unpaired", "kto"]
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_each_objective_learns_and_exports(gloo_rank, tiny_gpt2, tmp_path, objective):
-    kind = {"sft": "sft", "aot_unpaired": "unpaired"}.get(objective, "preference")
+    kind = OBJECTIVE_DATA_KIND[objective]
     examples = toy_examples(kind)
     if objective == "weighted_dpo":
         examples = [dataclasses.replace(e, weight=0.5 + i % 3) for i, e in enumerate(examples)]
@@ -260,6 +262,36 @@ def test_pretokenized_rows_give_the_same_micro_batch(tiny_gpt2, objective):
     assert raw.num_examples == pre.num_examples == (3 if kind == "unpaired" else 6)
     if objective == "weighted_dpo":
         assert torch.equal(raw.weights, pre.weights)
+
+
+def test_kl_pairs_shift_the_completions_by_one():
+    """TRL's KL dataset: prompt i with completion i - 1, the first prompt with the last one;
+    a completion that would overflow max_length is cut."""
+    seqs = [([1], [10, 11]), ([2, 2], [20]), ([3], [30, 31, 32])]
+    assert kl_pairs(seqs, 16) == [([1], [30, 31, 32]), ([2, 2], [10, 11]), ([3], [20])]
+    assert kl_pairs(seqs, 3)[0] == ([1], [30, 31])
+
+
+def test_kto_reference_point_of_the_trainer(gloo_rank, tiny_gpt2):
+    """After a few KTO steps the policy differs from the reference; the trainer's z0 for a
+    micro-batch's KL pairs equals max(0, mean(log pi - log pi_ref)) computed here with the
+    trained module and a fresh copy of the initial policy, on the pairs of `kl_pairs`
+    (float32, same batch and code path: 1e-5)."""
+    examples = toy_examples("unpaired", 16)
+    phase = make_phase(examples, objective="kto", max_steps=3, lr=5e-3)
+    trainer = Trainer(tiny_gpt2, phase.train)
+    trainer.run_phase(phase)
+    tok = load_tokenizer(tiny_gpt2)
+    data = DataConfig(path="toy.jsonl", kind="unpaired", **LIMITS)
+    batch = build_micro_batch(tok, to_rows(examples[:8]), "kto", data, False)
+    assert batch.kl_sequences.input_ids.shape[0] == batch.sequences.input_ids.shape[0] == 8
+    z0 = trainer.kto_reference_point(batch.kl_sequences)
+    with torch.no_grad():
+        policy, _ = sequence_logprobs(trainer.module, batch.kl_sequences)
+        ref, _ = sequence_logprobs(load_model(tiny_gpt2), batch.kl_sequences)
+    expected = (policy - ref).mean().clamp(min=0)
+    assert float((policy - ref).abs().max()) > 1e-3  # the policy moved: a real check
+    torch.testing.assert_close(z0, expected, rtol=0, atol=1e-5)
 
 
 def test_micro_batch_marks_identical_pairs(tiny_gpt2):
