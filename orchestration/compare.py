@@ -8,27 +8,37 @@
     <run_dir>/comparison.md          mean ± std over seeds per arm and iteration, one table per metric
     <run_dir>/plots/metrics.png      each metric by iteration, the seeds' spread shaded
     <run_dir>/plots/tradeoff.png     hbat: held-out IFA NLL vs HPA accuracy per arm
+    <run_dir>/plots/quantiles.png    train: quantiles of held-out chosen vs rejected implied
+                                     rewards per arm (the AOT paper's Figure 1)
 
-Each arm is the job's own controller, unchanged: the LD-Align controller
-(orchestration.ld_align) or the Hbat driver (actors/hbat.py), so every arm's numbers come from
-the same evaluation code and every arm resumes the way its job does. A finished arm is recorded
+Each arm is the job's own controller, unchanged: the LD-Align controller, the Hbat driver
+(actors/hbat.py) or the training jobs' `train_job` (actors/trainer.py) followed by held-out
+implied rewards, so every arm's numbers come from the same evaluation code and every arm resumes the way its job does. A finished arm is recorded
 in the comparison's manifest with its result rows and is never run again; a killed comparison
 restarted with the same run_dir skips the finished arms and resumes the interrupted one at its
-first unfinished stage. Arms run one after another (the driver holds no math and no model).
+first unfinished stage. Arms run one after another, or with `parallel: k` (ld_align, hbat) k
+at a time as their jobs' own entrypoints attached to the same Ray cluster. The driver holds no
+math and no model.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from rayalign import compare as stats_lib
-from rayalign.compare import CompareConfig, arm_config, job_tree
-from rayalign.config import build_config
-from rayalign.io import atomic_file
+from rayalign import toytask
+from rayalign.compare import CompareConfig, arm_config, implied_rewards, job_tree
+from rayalign.config import DataConfig, ResourcesConfig, build_config
+from rayalign.io import atomic_file, read_json, write_json
 from rayalign.rundir import RunDir, check_resumable
 
 Log = Callable[[str], None]
@@ -40,13 +50,13 @@ def _ld_align_controller(cfg, log: Log):
     return LDAlignController(cfg, log=log)  # refuses a run_dir made by another config
 
 
-def _run_ld_align(cfg, log: Log) -> list[dict]:
+def _run_ld_align(cfg, log: Log, compare: CompareConfig) -> list[dict]:
     """One LD-Align arm: the controller's rows, one per theta_t (eval_* and train_*)."""
     rows = _ld_align_controller(cfg, log).run_all()
     return [{k: v for k, v in row.items() if k != "scored"} for row in rows]
 
 
-def _run_hbat(cfg, log: Log) -> list[dict]:
+def _run_hbat(cfg, log: Log, compare: CompareConfig) -> list[dict]:
     """One Hbat arm: the driver's rows, one per phase (held-out IFA NLL and HPA accuracy)."""
     from actors.hbat import run_hbat
     from rayalign.hbat import fingerprint
@@ -56,7 +66,52 @@ def _run_hbat(cfg, log: Log) -> list[dict]:
     return run_hbat(cfg)
 
 
-RUNNERS = {"ld_align": _run_ld_align, "hbat": _run_hbat}
+def _heldout(cfg, compare: CompareConfig) -> DataConfig:
+    """The held-out pairs of a train arm: `compare.heldout`, else toy pairs (gold vs a near
+    miss) of another seed than the training pairs, written into the arm's directory."""
+    if compare.heldout is not None:
+        return compare.heldout
+    path = Path(cfg.output_dir, "heldout.jsonl")
+    if not path.exists():
+        toytask.write_jsonl(path, toytask.make_preference_rows(cfg.tiny.eval_rows,
+                                                                cfg.tiny.seed + 1000))
+    return DataConfig(path=str(path), kind="preference")
+
+
+def _run_train(cfg, log: Log, compare: CompareConfig) -> list[dict]:
+    """One training phase (jobs/sft.py / dpo.py / aot.py's `train_job`: resumes from its
+    checkpoints), then reference log-probs of the held-out pairs under theta_0 and under the
+    trained policy (pipelines/refs.py) and their implied rewards (`implied_rewards`)."""
+    import pyarrow.parquet as pq
+
+    from actors.trainer import train_job
+    from pipelines.refs import ref_logps_stage
+
+    out = Path(cfg.output_dir)
+    final = read_json(out / "train.json") if (out / "train.json").exists() else None
+    if final is None:
+        final = train_job(cfg)
+        write_json(out / "train.json", final)
+    base = cfg.policy.path if cfg.policy is not None else str(out / "base")
+    heldout, logps = _heldout(cfg, compare), {}
+    for name, model in (("theta_0", base), ("policy", str(out / "policy"))):
+        path = out / f"heldout_{name}.parquet"
+        if not path.exists():
+            ref_logps_stage(heldout, model, str(path), ResourcesConfig(), 16, progress_bars=False)
+        logps[name] = pq.read_table(path).to_pydict()
+    theta0, policy = logps["theta_0"], logps["policy"]
+    stats = implied_rewards(policy["ref_chosen_logps"], policy["ref_rejected_logps"],
+                            theta0["ref_chosen_logps"], theta0["ref_rejected_logps"])
+    log(f"[{cfg.train.objective}] held-out reward accuracy {stats['heldout_reward_accuracy']:.3f}"
+        f", margin {stats['heldout_margin']:.3g}")
+    return [{"policy": "theta_1", "train_loss": final.get("loss"), "train_steps": final.get("step"),
+             **stats}]
+
+
+RUNNERS = {"ld_align": _run_ld_align, "hbat": _run_hbat, "train": _run_train}
+ROOT = Path(__file__).resolve().parents[1]
+# parallel arms run as their job's own entrypoint (a finished one is then collected in-process)
+JOB_SCRIPTS = {"ld_align": ROOT / "jobs" / "ld_align.py", "hbat": ROOT / "jobs" / "hbat.py"}
 
 
 class CompareRunner:
@@ -75,11 +130,46 @@ class CompareRunner:
         """Every (arm, seed) in config order, seed-major (all arms of seed 0 first, so a
         partial comparison already has every arm); returns `stats_lib.aggregate`'s table."""
         results: dict[str, dict[int, list[dict]]] = {arm: {} for arm in self.cfg.arms}
+        if self.cfg.parallel > 1 and self.cfg.job in JOB_SCRIPTS:
+            shared = {seed: self._theta0(seed) for seed in self.cfg.seeds}
+            self._in_subprocesses([(arm, seed, shared[seed]) for seed in self.cfg.seeds
+                                   for arm in self.cfg.arms
+                                   if not self.run.done(f"{arm}/seed_{seed}")])
         for seed in self.cfg.seeds:
             shared = self._theta0(seed)
             for arm in self.cfg.arms:
                 results[arm][seed] = self._arm(arm, seed, shared)
         return self.write_outputs(results)
+
+    def _in_subprocesses(self, todo: list[tuple[str, int, dict]]) -> None:
+        """`parallel` arms at a time, each its job's own entrypoint (jobs/<job>.py --config
+        <run_dir>/<arm>/seed_<s>.yaml) attached to this driver's Ray cluster, its output in
+        <run_dir>/<arm>/seed_<s>.log. `_arm` then collects each finished arm in-process (every
+        stage done: no work) and records it; a failed arm is named with its log."""
+        import ray
+
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        running: list[tuple[str, subprocess.Popen, float]] = []
+        while todo or running:
+            while todo and len(running) < self.cfg.parallel:
+                arm, seed, shared = todo.pop(0)
+                cfg = arm_config(self.cfg, arm, seed, self.arm_dir(arm, seed), shared)
+                config, log = (self.run.path(arm, f"seed_{seed}.{ext}") for ext in ("yaml", "log"))
+                with atomic_file(config) as tmp:
+                    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+                self.log(f"[compare] {arm}/seed_{seed} started (log: {log})")
+                proc = subprocess.Popen([sys.executable, str(JOB_SCRIPTS[self.cfg.job]),
+                                         "--config", str(config)], env=env, cwd=ROOT,
+                                        stdout=log.open("w"), stderr=subprocess.STDOUT)
+                running.append((f"{arm}/seed_{seed}", proc, time.time()))
+            time.sleep(1)
+            for entry in [e for e in running if e[1].poll() is not None]:
+                name, proc, start = entry
+                running.remove(entry)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"arm {name} failed (exit {proc.returncode}); see "
+                                       f"{self.run.path(name + '.log')}")
+                self.log(f"[compare] {name} finished in {time.time() - start:.0f}s")
 
     def _theta0(self, seed: int) -> dict:
         """ld_align with shared_theta0 and an `sft` stage: theta_0 of this seed (the
@@ -121,7 +211,7 @@ class CompareRunner:
         self.log(f"[compare] {name} running ({self.arm_dir(arm, seed)})")
         self.run.start(name)
         start = time.time()
-        rows = RUNNERS[self.cfg.job](cfg, self.log)
+        rows = RUNNERS[self.cfg.job](cfg, self.log, self.cfg)
         record = self.run.record(name, {}, {"overrides": overrides, "rows": rows},
                                  time.time() - start)
         self.log(f"[compare] {name} finished in {record.seconds:.0f}s")
@@ -129,7 +219,7 @@ class CompareRunner:
 
     def write_outputs(self, results: dict[str, dict[int, list[dict]]]) -> dict:
         """per_seed.csv, comparison.md and the plots, from every finished arm's rows."""
-        from rayalign.plots import plot_comparison, plot_tradeoff
+        from rayalign.plots import plot_comparison, plot_quantiles, plot_tradeoff
 
         cfg = self.cfg
         rows = stats_lib.long_rows(results)
@@ -141,15 +231,18 @@ class CompareRunner:
             tmp.write_text(buffer.getvalue())
         table = stats_lib.aggregate(rows)
         arms = list(cfg.arms)
-        metrics = stats_lib.metric_names(table, cfg.metrics)
+        metrics = [m for m in stats_lib.metric_names(table, cfg.metrics)
+                   if not m.startswith("q")]  # the quantiles are plotted, not tabulated
         plot_comparison(self.run.path("plots", "metrics.png"), table, arms, metrics)
         notes = [f"job: {cfg.job}; arm overrides: " + "; ".join(
             f"{arm}: {overrides or 'base'}" for arm, overrides in cfg.arms.items())]
         if cfg.job == "hbat":
             plot_tradeoff(self.run.path("plots", "tradeoff.png"), table, arms,
                           "eval_ifa_nll", "eval_hpa_acc")
+        if cfg.job == "train":
+            plot_quantiles(self.run.path("plots", "quantiles.png"), table, arms)
         text = stats_lib.comparison_markdown(f"Comparison: {cfg.job}", table, arms, cfg.seeds,
-                                             cfg.metrics, notes)
+                                             metrics, notes)
         with atomic_file(self.run.path("comparison.md")) as tmp:
             tmp.write_text(text)
         return table

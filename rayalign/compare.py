@@ -19,18 +19,21 @@ from pydantic import Field, model_validator
 
 from .config import (
     ConfigError,
+    DataConfig,
     HbatConfig,
     LDAlignConfig,
     Section,
+    TrainJobConfig,
     _default_sections,
     _merge,
     _set_dotted,
     build_config,
 )
 
-JOB_CONFIGS = {"ld_align": LDAlignConfig, "hbat": HbatConfig}
+JOB_CONFIGS = {"ld_align": LDAlignConfig, "hbat": HbatConfig, "train": TrainJobConfig}
 # the key of the run directory in each job's config
-RUN_DIR_KEY = {"ld_align": "run_dir", "hbat": "run_dir"}
+RUN_DIR_KEY = {"ld_align": "run_dir", "hbat": "run_dir", "train": "output_dir"}
+QUANTILES = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
 
 
 class CompareConfig(Section):
@@ -38,7 +41,9 @@ class CompareConfig(Section):
 
     run_dir: str = Field("runs/compare", description="Parent of every arm's run directories "
                          "(<run_dir>/<arm>/seed_<s>) and the comparison's outputs; resumable.")
-    job: Literal["ld_align", "hbat"] = Field(description="The job every arm runs.")
+    job: Literal["ld_align", "hbat", "train"] = Field(
+        description="The job every arm runs: ld_align, hbat, or train (one training phase of "
+        "jobs/sft.py / dpo.py / aot.py, then held-out implied rewards).")
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="One run per arm and seed.")
     seed_keys: tuple[str, ...] = Field(
         ("tiny.seed", "sampling.seed", "train.seed"), description="Dotted job-config keys set "
@@ -54,6 +59,11 @@ class CompareConfig(Section):
                                             "overrides of `base` (e.g. weights: uniform).")
     metrics: tuple[str, ...] = Field((), description="Metrics tabulated and plotted (keys of "
                                      "the result rows); empty = every numeric one.")
+    parallel: int = Field(1, ge=1, description="Arms run at once (ld_align, hbat: as their "
+                          "jobs' entrypoints on the same Ray cluster); 1 = one after another.")
+    heldout: DataConfig | None = Field(
+        None, description="train: held-out preference pairs scored after training (implied "
+        "rewards); None = toy pairs (tiny.eval_rows rows, seed tiny.seed + 1000).")
 
     @model_validator(mode="after")
     def _arms_valid(self) -> "CompareConfig":
@@ -199,3 +209,28 @@ def check_arm_inputs(cfg: CompareConfig) -> None:
     for arm in cfg.arms:
         seed = cfg.seeds[0]
         check_inputs(arm_config(cfg, arm, seed, f"{cfg.run_dir}/{arm}/seed_{seed}"), f"arms.{arm}.")
+
+
+def implied_rewards(policy_chosen: Sequence[float], policy_rejected: Sequence[float],
+                    ref_chosen: Sequence[float], ref_rejected: Sequence[float]) -> dict[str, float]:
+    """Held-out implied rewards of a trained policy, per pair r = log pi(y|x) - log pi_ref(y|x)
+    (DPO's implied reward divided by beta, so arms trained with different betas compare):
+    the share of pairs with r_chosen > r_rejected (ties are not wins), the mean margin, both
+    means, and the `QUANTILES` of r_chosen and of r_rejected (numpy's linear interpolation):
+    the AOT paper's Figure 1 compares these two quantile functions (AOT aims at the chosen
+    rewards dominating the rejected ones at every quantile)."""
+    import numpy as np
+
+    pc, pr, rc, rr = (np.asarray(v, dtype=np.float64) for v in
+                      (policy_chosen, policy_rejected, ref_chosen, ref_rejected))
+    if not (pc.shape == pr.shape == rc.shape == rr.shape) or pc.ndim != 1 or not pc.size:
+        raise ValueError("implied rewards need four equally long, non-empty 1-D sequences")
+    chosen, rejected = pc - rc, pr - rr
+    out = {"heldout_reward_accuracy": float(np.mean(chosen > rejected)),
+           "heldout_margin": float(np.mean(chosen - rejected)),
+           "heldout_chosen_reward": float(chosen.mean()),
+           "heldout_rejected_reward": float(rejected.mean())}
+    for side, values in (("chosen", chosen), ("rejected", rejected)):
+        for q, v in zip(QUANTILES, np.quantile(values, QUANTILES)):
+            out[f"q{round(q * 100):02d}_{side}"] = float(v)
+    return out

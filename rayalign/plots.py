@@ -5,8 +5,9 @@
 - correlation.png: the LD-Align paper's §5.2 sanity check, latent distance s vs independent
   dissimilarities to gold (1 - cosine, 1 - ROUGE-L), with their Spearman correlations;
 - training.png: per-step training curves (loss, reward margin, reward accuracy) per stage;
-- jobs/compare.py's metrics.png (each metric by iteration per arm, the seeds' spread shaded)
-  and tradeoff.png (two metrics per arm at its last iteration, with error bars).
+- jobs/compare.py's metrics.png (each metric by iteration per arm, the seeds' spread
+  shaded), tradeoff.png (two metrics per arm at its last iteration, with error bars) and
+  quantiles.png (held-out chosen vs rejected implied-reward quantiles per arm, AOT Fig. 1).
 """
 
 from __future__ import annotations
@@ -158,4 +159,33 @@ def plot_tradeoff(path: str | Path, stats: Mapping[tuple[str, int, str], Mapping
     ax.set_ylabel(y_metric)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_quantiles(path: str | Path, stats: Mapping[tuple[str, int, str], Mapping],
+                   arms: Sequence[str]) -> Path:
+    """The AOT paper's Figure 1 per arm: the quantile functions of the held-out chosen and
+    rejected implied rewards (`rayalign.compare.implied_rewards`' q<NN>_chosen /
+    q<NN>_rejected at the arm's last iteration), means over seeds, bands one sample std."""
+    plt = _pyplot()
+    fig, axes = _grid(plt, max(len(arms), 1), width=3.4, height=2.8)
+    for ax, arm in zip(axes, arms):
+        last = max((i for a, i, m in stats if a == arm and m.startswith("q")), default=None)
+        for side in ("chosen", "rejected"):
+            points = sorted((int(m[1:3]) / 100, s) for (a, i, m), s in stats.items()
+                            if a == arm and i == last and m.endswith(f"_{side}")
+                            and m.startswith("q"))
+            if not points:
+                continue
+            x = [q for q, _ in points]
+            mean = [s["mean"] for _, s in points]
+            spread = [s["std"] or 0.0 for _, s in points]
+            ax.plot(x, mean, label=side)
+            ax.fill_between(x, [m - d for m, d in zip(mean, spread)],
+                            [m + d for m, d in zip(mean, spread)], alpha=0.2)
+        ax.set_xlabel("quantile")
+        ax.set_ylabel("log pi / pi_ref")
+        ax.set_title(arm, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     return _save(fig, Path(path))

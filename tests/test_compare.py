@@ -52,9 +52,9 @@ def test_bad_arm_is_named_before_anything_runs():
 
 
 def test_shipped_comparison_configs_are_valid():
-    for name in ("ld_align", "hbat"):
+    for name in ("ld_align", "ld_align_sweep", "hbat", "aot"):
         cfg = load_config(CompareConfig, f"configs/compare/{name}.yaml")
-        assert len(cfg.seeds) >= 3 and len(cfg.arms) >= 3
+        assert len(cfg.seeds) >= (1 if "sweep" in name else 3) and len(cfg.arms) >= 3
 
 
 def test_mean_std_is_the_sample_std():
@@ -93,3 +93,18 @@ def test_long_rows_and_aggregate():
     assert cell(None) == "-"
     text = comparison_markdown("T", stats, ["a", "b"], [0, 1], ["eval_em"], ["a note"])
     assert "## eval_em" in text and "## train_loss" not in text and "- a note" in text
+
+
+def test_implied_rewards_by_hand():
+    """Log-ratios chosen [1, 2, 0, 3] - [0, 0, 0, 0] = [1, 2, 0, 3], rejected [0, 3, 0, 1]:
+    wins 1>0, 2<3 no, 0=0 tie (not a win), 3>1 -> 2/4; margins [1, -1, 0, 2] -> 0.5; means
+    1.5 and 1.0; the median (q50) of [0, 1, 2, 3] is 1.5 (linear), q05 = 0 + 0.15 * 1."""
+    from rayalign.compare import QUANTILES, implied_rewards
+
+    out = implied_rewards([1, 2, 0, 3], [1, 4, 1, 2], [0, 0, 0, 0], [1, 1, 1, 1])
+    assert out["heldout_reward_accuracy"] == 0.5 and out["heldout_margin"] == 0.5
+    assert (out["heldout_chosen_reward"], out["heldout_rejected_reward"]) == (1.5, 1.0)
+    assert out["q50_chosen"] == pytest.approx(1.5) and out["q05_chosen"] == pytest.approx(0.15)
+    assert len(QUANTILES) == 19 and "q95_rejected" in out
+    with pytest.raises(ValueError, match="equally long"):
+        implied_rewards([1], [1, 2], [0], [0])
