@@ -4,7 +4,11 @@ gradient checkpointing, attention implementation, ZeRO-3 CPU offload and LoRA.
 Tolerances: checkpointing recomputes the same float32 ops in the same order, so loss and
 gradients agree to 1e-6 (they are in fact bitwise equal here). ZeRO-3 with and without
 offload runs the same AdamW on the same fp32 partitions (CPU tensors either way on this
-machine), so parameters agree to 1e-6. Eager and sdpa attention are different kernels:
+machine), but the offloaded engine moves the gradients through its CPU buffers, so they agree
+to float32 rounding, not bitwise, and AdamW's normalized update (~lr * g / sqrt(v)) magnifies
+that rounding for entries whose gradient is near 0: measured up to 0.7e-6 (foreach AdamW) and
+1.03e-6 (fused) after two steps of lr 1e-3. Parameters must agree to 1e-5, 1% of one step; an
+offload that skipped or repeated an update is off by ~1e-3. Eager and sdpa attention are different kernels:
 float32 losses of a few nats agree to 1e-5.
 """
 
@@ -93,7 +97,7 @@ def test_zero3_cpu_offload_steps_like_the_unoffloaded_engine(gloo_rank, tiny_gpt
     initial = dict(load_model(tiny_gpt2).named_parameters())
     assert offloaded.keys() == plain.keys()
     for name in plain:
-        torch.testing.assert_close(offloaded[name], plain[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(offloaded[name], plain[name], rtol=0, atol=1e-5)
     assert any(not torch.equal(plain[n], initial[n]) for n in plain)  # the steps moved it
 
 
