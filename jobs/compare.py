@@ -14,6 +14,7 @@ sample std over seeds per arm and iteration), per_seed.csv, plots and comparison
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,11 @@ from rayalign.compare import CompareConfig, check_arm_inputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    # --arm / --seed: one arm of a `parallel` comparison, run by its driver (not recorded here)
+    child = argparse.ArgumentParser(add_help=False)
+    child.add_argument("--arm")
+    child.add_argument("--seed", type=int)
+    only, argv = child.parse_known_args(argv)
     cfg = parse_job_config(CompareConfig, __doc__.splitlines()[0], argv,
                            str(ROOT / "configs" / "compare" / "ld_align.yaml"))
     with exit_on_input_error():
@@ -40,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_input_error():  # a run_dir made by another comparison: named before Ray starts
         runner = CompareRunner(cfg, log=lambda line: print(line, flush=True))
     init_ray()
+    if only.arm is not None:
+        runner.run_one(only.arm, only.seed)
+        return 0
     print(f"compare: run_dir={Path(cfg.run_dir).absolute()} job={cfg.job} "
           f"arms={list(cfg.arms)} seeds={list(cfg.seeds)}", flush=True)
     with exit_on_input_error():  # an arm changed since it finished

@@ -16,9 +16,9 @@ Each arm is the job's own controller, unchanged: the LD-Align controller, the Hb
 implied rewards, so every arm's numbers come from the same evaluation code and every arm resumes the way its job does. A finished arm is recorded
 in the comparison's manifest with its result rows and is never run again; a killed comparison
 restarted with the same run_dir skips the finished arms and resumes the interrupted one at its
-first unfinished stage. Arms run one after another, or with `parallel: k` (ld_align, hbat) k
-at a time as their jobs' own entrypoints attached to the same Ray cluster. The driver holds no
-math and no model.
+first unfinished stage. Arms run one after another, or with `parallel: k` k at a time as
+child processes (``jobs/compare.py --arm A --seed S``) attached to the same Ray cluster. The
+driver holds no math and no model.
 """
 
 from __future__ import annotations
@@ -110,8 +110,6 @@ def _run_train(cfg, log: Log, compare: CompareConfig) -> list[dict]:
 
 RUNNERS = {"ld_align": _run_ld_align, "hbat": _run_hbat, "train": _run_train}
 ROOT = Path(__file__).resolve().parents[1]
-# parallel arms run as their job's own entrypoint (a finished one is then collected in-process)
-JOB_SCRIPTS = {"ld_align": ROOT / "jobs" / "ld_align.py", "hbat": ROOT / "jobs" / "hbat.py"}
 
 
 class CompareRunner:
@@ -130,10 +128,10 @@ class CompareRunner:
         """Every (arm, seed) in config order, seed-major (all arms of seed 0 first, so a
         partial comparison already has every arm); returns `stats_lib.aggregate`'s table."""
         results: dict[str, dict[int, list[dict]]] = {arm: {} for arm in self.cfg.arms}
-        if self.cfg.parallel > 1 and self.cfg.job in JOB_SCRIPTS:
-            shared = {seed: self._theta0(seed) for seed in self.cfg.seeds}
-            self._in_subprocesses([(arm, seed, shared[seed]) for seed in self.cfg.seeds
-                                   for arm in self.cfg.arms
+        if self.cfg.parallel > 1:
+            for seed in self.cfg.seeds:  # every theta_0 first: the children read them
+                self._theta0(seed)
+            self._in_subprocesses([(arm, seed) for seed in self.cfg.seeds for arm in self.cfg.arms
                                    if not self.run.done(f"{arm}/seed_{seed}")])
         for seed in self.cfg.seeds:
             shared = self._theta0(seed)
@@ -141,35 +139,49 @@ class CompareRunner:
                 results[arm][seed] = self._arm(arm, seed, shared)
         return self.write_outputs(results)
 
+    def run_one(self, arm: str, seed: int) -> list[dict]:
+        """One arm and seed, unrecorded: the body of a `parallel` child process
+        (``jobs/compare.py --arm A --seed S``); the parent records it when it collects it."""
+        cfg = arm_config(self.cfg, arm, seed, self.arm_dir(arm, seed), self._theta0(seed))
+        return RUNNERS[self.cfg.job](cfg, self.log, self.cfg)
+
     def _in_subprocesses(self, todo: list[tuple[str, int, dict]]) -> None:
-        """`parallel` arms at a time, each its job's own entrypoint (jobs/<job>.py --config
-        <run_dir>/<arm>/seed_<s>.yaml) attached to this driver's Ray cluster, its output in
-        <run_dir>/<arm>/seed_<s>.log. `_arm` then collects each finished arm in-process (every
-        stage done: no work) and records it; a failed arm is named with its log."""
+        """`parallel` arms at a time, each a child ``jobs/compare.py --config
+        <run_dir>/compare.yaml --arm A --seed S`` (`run_one`) attached to this driver's Ray
+        cluster, its output in <run_dir>/<arm>/seed_<s>.log. `_arm` then collects each finished
+        arm in-process (every stage done: no work) and records it. After a failure no new arm
+        starts, the running ones finish (they use this driver's Ray), then the failures are
+        raised with their logs."""
         import ray
 
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        config = self.run.path("compare.yaml")
+        with atomic_file(config) as tmp:
+            tmp.write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
         running: list[tuple[str, subprocess.Popen, float]] = []
-        while todo or running:
-            while todo and len(running) < self.cfg.parallel:
-                arm, seed, shared = todo.pop(0)
-                cfg = arm_config(self.cfg, arm, seed, self.arm_dir(arm, seed), shared)
-                config, log = (self.run.path(arm, f"seed_{seed}.{ext}") for ext in ("yaml", "log"))
-                with atomic_file(config) as tmp:
-                    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        failed: list[str] = []
+        while (todo and not failed) or running:
+            while todo and not failed and len(running) < self.cfg.parallel:
+                arm, seed = todo.pop(0)
+                log = self.run.path(arm, f"seed_{seed}.log")
+                log.parent.mkdir(parents=True, exist_ok=True)
                 self.log(f"[compare] {arm}/seed_{seed} started (log: {log})")
-                proc = subprocess.Popen([sys.executable, str(JOB_SCRIPTS[self.cfg.job]),
-                                         "--config", str(config)], env=env, cwd=ROOT,
-                                        stdout=log.open("w"), stderr=subprocess.STDOUT)
+                proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "compare.py"),
+                                         "--config", str(config), "--arm", arm, "--seed",
+                                         str(seed)], env=env, cwd=ROOT, stdout=log.open("w"),
+                                        stderr=subprocess.STDOUT)
                 running.append((f"{arm}/seed_{seed}", proc, time.time()))
             time.sleep(1)
             for entry in [e for e in running if e[1].poll() is not None]:
                 name, proc, start = entry
                 running.remove(entry)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"arm {name} failed (exit {proc.returncode}); see "
-                                       f"{self.run.path(name + '.log')}")
+                if proc.returncode != 0:  # the running arms finish (they share this Ray)
+                    failed.append(f"{name} (exit {proc.returncode}, log "
+                                  f"{self.run.path(name + '.log')})")
+                    continue
                 self.log(f"[compare] {name} finished in {time.time() - start:.0f}s")
+        if failed:
+            raise RuntimeError("arms failed, the others were let finish: " + "; ".join(failed))
 
     def _theta0(self, seed: int) -> dict:
         """ld_align with shared_theta0 and an `sft` stage: theta_0 of this seed (the

@@ -52,9 +52,10 @@ def test_bad_arm_is_named_before_anything_runs():
 
 
 def test_shipped_comparison_configs_are_valid():
-    for name in ("ld_align", "ld_align_sweep", "hbat", "aot"):
+    for name in ("ld_align", "ld_align_sweep", "ld_align_smollm2", "hbat", "aot"):
         cfg = load_config(CompareConfig, f"configs/compare/{name}.yaml")
-        assert len(cfg.seeds) >= (1 if "sweep" in name else 3) and len(cfg.arms) >= 3
+        assert len(cfg.seeds) >= {"ld_align_sweep": 1, "ld_align_smollm2": 2}.get(name, 3)
+        assert len(cfg.arms) >= 3
 
 
 def test_mean_std_is_the_sample_std():
