@@ -3,6 +3,7 @@
     python jobs/compare.py --config configs/compare/ld_align.yaml   # LD-Align vs SPIN vs SFT
     python jobs/compare.py --config configs/compare/hbat.yaml       # Hbat and its baselines
     python jobs/compare.py --config configs/compare/ld_align.yaml --set seeds=[0,1]
+    python jobs/compare.py --config configs/compare/ld_align.yaml --report   # tables so far
 
 Every arm is the config's `base` job config plus its overrides, run once per seed in its own
 resumable run directory under `run_dir`; re-running the same command after a kill skips the
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     child = argparse.ArgumentParser(add_help=False)
     child.add_argument("--arm")
     child.add_argument("--seed", type=int)
+    child.add_argument("--report", action="store_true",
+                       help="only write the tables and plots of the arms finished so far")
     only, argv = child.parse_known_args(argv)
     cfg = parse_job_config(CompareConfig, __doc__.splitlines()[0], argv,
                            str(ROOT / "configs" / "compare" / "ld_align.yaml"))
@@ -45,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     with exit_on_input_error():  # a run_dir made by another comparison: named before Ray starts
         runner = CompareRunner(cfg, log=lambda line: print(line, flush=True))
+    if only.report:  # no Ray: the recorded arms' rows only
+        table = runner.report()
+        print(comparison_markdown(f"Comparison: {cfg.job}", table, list(cfg.arms), cfg.seeds,
+                                  cfg.metrics))
+        return 0
     init_ray()
     if only.arm is not None:
         runner.run_one(only.arm, only.seed)

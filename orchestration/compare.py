@@ -148,10 +148,10 @@ class CompareRunner:
     def _in_subprocesses(self, todo: list[tuple[str, int, dict]]) -> None:
         """`parallel` arms at a time, each a child ``jobs/compare.py --config
         <run_dir>/compare.yaml --arm A --seed S`` (`run_one`) attached to this driver's Ray
-        cluster, its output in <run_dir>/<arm>/seed_<s>.log. `_arm` then collects each finished
-        arm in-process (every stage done: no work) and records it. After a failure no new arm
-        starts, the running ones finish (they use this driver's Ray), then the failures are
-        raised with their logs."""
+        cluster, its output in <run_dir>/<arm>/seed_<s>.log. As each child ends, `_arm` collects
+        its arm in-process (every stage done: no work) and records it, so `report` sees it.
+        After a failure no new arm starts, the running ones finish (they use this driver's
+        Ray), then the failures are raised with their logs."""
         import ray
 
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -180,6 +180,8 @@ class CompareRunner:
                                   f"{self.run.path(name + '.log')})")
                     continue
                 self.log(f"[compare] {name} finished in {time.time() - start:.0f}s")
+                arm, seed = name.rsplit("/seed_", 1)
+                self._arm(arm, int(seed), self._theta0(int(seed)))  # recorded now: durable
         if failed:
             raise RuntimeError("arms failed, the others were let finish: " + "; ".join(failed))
 
@@ -229,6 +231,15 @@ class CompareRunner:
         self.log(f"[compare] {name} finished in {record.seconds:.0f}s")
         return rows
 
+    def report(self) -> dict:
+        """The tables and plots from the arms recorded so far (``jobs/compare.py --report``:
+        no Ray, nothing runs), e.g. while a comparison is still running or after it was
+        stopped; seeds with at least one recorded arm are shown."""
+        results = {arm: {seed: self.run.get(f"{arm}/seed_{seed}").metrics["rows"]
+                         for seed in self.cfg.seeds if self.run.done(f"{arm}/seed_{seed}")}
+                   for arm in self.cfg.arms}
+        return self.write_outputs(results)
+
     def write_outputs(self, results: dict[str, dict[int, list[dict]]]) -> dict:
         """per_seed.csv, comparison.md and the plots, from every finished arm's rows."""
         from rayalign.plots import plot_comparison, plot_quantiles, plot_tradeoff
@@ -247,7 +258,9 @@ class CompareRunner:
                    if not m.startswith("q")]  # the quantiles are plotted, not tabulated
         plot_comparison(self.run.path("plots", "metrics.png"), table, arms, metrics)
         notes = [f"job: {cfg.job}; arm overrides: " + "; ".join(
-            f"{arm}: {overrides or 'base'}" for arm, overrides in cfg.arms.items())]
+            f"{arm}: {overrides or 'base'}" for arm, overrides in cfg.arms.items()),
+            "seeds per arm: " + "; ".join(f"{arm}: {sorted(seeds)}"
+                                          for arm, seeds in results.items())]
         if cfg.job == "hbat":
             plot_tradeoff(self.run.path("plots", "tradeoff.png"), table, arms,
                           "eval_ifa_nll", "eval_hpa_acc")

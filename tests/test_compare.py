@@ -109,3 +109,22 @@ def test_implied_rewards_by_hand():
     assert len(QUANTILES) == 19 and "q95_rejected" in out
     with pytest.raises(ValueError, match="equally long"):
         implied_rewards([1], [1, 2], [0], [0])
+
+
+def test_report_tabulates_the_recorded_arms_only(tmp_path):
+    """`CompareRunner.report` (jobs/compare.py --report) reads the comparison's manifest, no Ray:
+    arm spin has seeds 0 and 1 recorded, ld_align only seed 0, sft nothing yet."""
+    from orchestration.compare import CompareRunner
+
+    runner = CompareRunner(_cfg(run_dir=str(tmp_path / "c")), log=lambda line: None)
+    for arm, seed, em in (("spin", 0, 0.2), ("spin", 1, 0.4), ("ld_align", 0, 0.5)):
+        rows = [{"policy": "theta_0", "eval_exact_match": 0.1},
+                {"policy": "theta_1", "eval_exact_match": em}]
+        runner.run.record(f"{arm}/seed_{seed}", {}, {"overrides": ARMS[arm], "rows": rows}, 1.0)
+    stats = runner.report()
+    assert stats[("spin", 1, "eval_exact_match")]["mean"] == pytest.approx(0.3)
+    assert stats[("ld_align", 1, "eval_exact_match")]["n"] == 1
+    text = (tmp_path / "c" / "comparison.md").read_text()
+    assert "| spin | 0.1 ± 0 | 0.3 ± 0.14 |" in text and "| sft | - | - |" in text
+    assert "seeds per arm: ld_align: [0]; spin: [0, 1]; sft: []" in text
+    assert (tmp_path / "c" / "per_seed.csv").read_text().count("\n") == 1 + 6
