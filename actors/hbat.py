@@ -1,13 +1,8 @@
-"""Ray Train driver of Hbat (rayalign/hbat.py): the whole schedule as one TorchTrainer job.
+"""The Ray Train worker function of Hbat (the driver: orchestration/hbat.py).
 
-The driver generates the embedded default's inputs if the config has none, validates and
-plans every phase's data (`rayalign.hbat.check_inputs`: a bad row fails before any worker
-starts) and creates the run directory. Every worker builds one `rayalign.train.Trainer`
-(DeepSpeed; gloo on CPU, NCCL on GPU) and runs `rayalign.hbat.run_schedule` on it: all
-phases on one engine, a checkpoint and a manifest record after each phase, a Ray Train
-report per phase. ``FailureConfig(max_failures)`` restarts the workers, which resume after the
-last recorded phase. ``run_dir`` must be reachable from every node (local disk on one
-machine, NFS on a cluster): the phase checkpoints and the manifest live there.
+Each worker builds one `rayalign.train.Trainer` (DeepSpeed on the process group Ray Train
+set up) and runs `rayalign.hbat.run_schedule` on it, reporting each finished phase to Ray
+Train; a restarted worker resumes after the last phase the run directory records.
 """
 
 from __future__ import annotations
@@ -15,22 +10,11 @@ from __future__ import annotations
 import logging
 
 from rayalign.config import HbatConfig
-from rayalign.hbat import (
-    POLICY_STAGE,
-    check_inputs,
-    config_schedule,
-    fingerprint,
-    prepare_inputs,
-    resolve_inputs,
-    run_schedule,
-    summary_rows,
-)
-from rayalign.io import remove_stray_temps
-from rayalign.rundir import RunDir
-from rayalign.train import process_group_backend
+from rayalign.hbat import resolve_inputs, run_schedule
 
 
-def _worker(config: dict) -> None:
+def hbat_worker(config: dict) -> None:
+    """One rank of the Hbat job: ``config["cfg"]`` is the HbatConfig."""
     import ray.train
 
     from rayalign.train import Trainer
@@ -48,30 +32,3 @@ def _worker(config: dict) -> None:
                           "F_normalized_entropy": penalty.get("normalized_entropy")})
 
     run_schedule(cfg, trainer, on_phase=report)
-
-
-def run_hbat(cfg: HbatConfig) -> list[dict]:
-    """Run (or resume) Hbat for ``cfg`` on the attached Ray cluster; one summary row per phase."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    prepare_inputs(cfg)
-    check_inputs(cfg)
-    run = RunDir(cfg.run_dir, fingerprint(cfg))
-    remove_stray_temps(run.root)  # a killed phase's half-written output (no worker runs yet)
-    if not run.done(POLICY_STAGE):
-        train = cfg.sft  # the engine-level / job fields agree across phases (HbatConfig)
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"cfg": cfg},
-            scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                         resources_per_worker={"CPU": train.cpus_per_worker,
-                                                               **train.resources_per_worker}),
-            run_config=RunConfig(name="hbat", storage_path=str(run.path(".ray_train")),
-                                 failure_config=FailureConfig(max_failures=train.max_failures)),
-            torch_config=TorchConfig(backend=process_group_backend(train.use_gpu)),
-        )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-    return summary_rows(RunDir(cfg.run_dir, fingerprint(cfg)), config_schedule(cfg))

@@ -27,7 +27,7 @@ DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "hbat.yam
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_job_config(HbatConfig, __doc__.splitlines()[0], argv, DEFAULT_CONFIG)
     # torch, transformers and Ray only now, after the input checks (a second, not ten)
-    from actors.hbat import run_hbat
+    from orchestration.hbat import run_hbat
     from actors.runtime import init_ray
     from rayalign.hbat import fingerprint, summary_table
     from rayalign.rundir import check_resumable

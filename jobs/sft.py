@@ -1,13 +1,8 @@
 """Supervised fine-tuning (objective sft) as a Ray Train + DeepSpeed job.
 
-    python jobs/sft.py                              # tiny default: local Ray, 2 CPU workers
     python jobs/sft.py --set train.zero_stage=2
-    python jobs/sft.py --config my.yaml --set train.num_workers=8 --set train.use_gpu=true
-    ray job submit --working-dir . -- python jobs/sft.py --config my.yaml
 
-Config: `rayalign.config.TrainJobConfig` (configs/sft.yaml is the tiny default). On a laptop this
-starts a local Ray; under `ray job submit` (RAY_ADDRESS is set) it attaches to the cluster.
-Re-running the same command after a kill resumes from the last checkpoint (actors/trainer.py).
+Tiny default: configs/sft.yaml; usage, config and resuming: jobs/_train.py.
 """
 
 from __future__ import annotations
@@ -16,22 +11,12 @@ import sys
 from pathlib import Path
 
 # The submitted working directory's code, not an older installed copy, is what runs.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rayalign.cli import parse_job_config  # noqa: E402
-from rayalign.config import TrainJobConfig  # noqa: E402
+from jobs._train import training_job  # noqa: E402
 
 OBJECTIVES = ("sft",)
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_config(TrainJobConfig, __doc__.splitlines()[0], argv,
-                           str(ROOT / "configs" / "sft.yaml"))  # inputs checked: before Ray
-    from actors.trainer import job_main  # torch, DeepSpeed, Ray: after the input checks
-
-    return job_main(cfg, OBJECTIVES)
-
+main = training_job("sft", OBJECTIVES, __doc__)
 
 if __name__ == "__main__":
     raise SystemExit(main())

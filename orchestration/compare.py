@@ -45,7 +45,7 @@ Log = Callable[[str], None]
 
 
 def _ld_align_controller(cfg, log: Log):
-    from actors.controller import LDAlignController
+    from orchestration.controller import LDAlignController
 
     return LDAlignController(cfg, log=log)  # refuses a run_dir made by another config
 
@@ -58,7 +58,7 @@ def _run_ld_align(cfg, log: Log, compare: CompareConfig) -> list[dict]:
 
 def _run_hbat(cfg, log: Log, compare: CompareConfig) -> list[dict]:
     """One Hbat arm: the driver's rows, one per phase (held-out IFA NLL and HPA accuracy)."""
-    from actors.hbat import run_hbat
+    from orchestration.hbat import run_hbat
     from rayalign.hbat import fingerprint
 
     check_resumable(cfg.run_dir, fingerprint(cfg))

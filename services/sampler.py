@@ -22,9 +22,9 @@ request gives the same choices.
 
 Two deployments, like Ray Serve LLM's router + server: the FastAPI ingress (`OpenAIIngress`,
 tokenizer only: chat template, token counts) and the `SamplerReplica`s holding the model
-(actors/sampler.py), scaled and given GPUs independently from `SamplerServiceConfig`; the
-replicas pool the prompts of concurrent requests into one engine call (dynamic batching),
-which leaves every result unchanged (per-prompt seeded streams).
+(services/sampler_replica.py), scaled and given GPUs independently from
+`SamplerServiceConfig`; the replicas pool the prompts of concurrent requests into one engine
+call (dynamic batching), which leaves every result unchanged (per-prompt seeded streams).
 
 Run: ``RAYALIGN_SAMPLER_TOKEN=... python -m services.sampler --config
 configs/sampler_service.yaml --set model_path=/path/to/ckpt`` (RAY_ADDRESS joins that cluster,
@@ -50,7 +50,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from actors.runtime import init_ray
-from actors.sampler import sampler_deployment
+from services.sampler_replica import sampler_deployment
 from rayalign.cli import parse_job_config
 from rayalign.config import SamplerServiceConfig, SamplingConfig, load_config
 from rayalign.models import load_tokenizer

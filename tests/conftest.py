@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,14 +82,9 @@ def gloo_rank():
     the process's life; after this module destroys its group the clone is dead, and the next
     module's ZeRO >= 1 engine would use it. Teardown drops the cached clone with the group.
     """
-    import socket
-
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                WORLD_SIZE="1")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -137,3 +135,27 @@ def stop_process_group(proc, grace_s: float) -> None:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (a torch.distributed master, a Ray head, a dashboard)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def gloo_group(rank: int, port: int, world: int, backend: str = "gloo") -> Iterator[None]:
+    """One rank (an ``mp.spawn`` worker) of a loopback process group, set up as torchrun
+    would (the env vars DeepSpeed reads), one CPU thread a rank; destroyed on the way out."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.controller import GuideNotInformative, LDAlignController
+from orchestration.controller import GuideNotInformative, LDAlignController
 from rayalign import toytask
 from rayalign.config import (DataConfig, GuideConfig, LDAlignConfig, ModelConfig, PairsConfig,
                              SamplingConfig)

@@ -13,7 +13,6 @@ C = 0 exactly after the restart (the momentum reset must reach a freshly loaded 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 
 from rayalign import toytask
 from rayalign.io import read_json
+from conftest import free_port, gloo_group
 
 WORLD = 2
 CASES = [("hbat", 3), ("hbat_freeze", 2)]
@@ -71,14 +71,10 @@ def _run(cfg, stop_in: str | None = None) -> list[str]:
 
 
 def _worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from rayalign.hbat import fingerprint
     from rayalign.rundir import RunDir
 
-    try:
+    with gloo_group(rank, port, WORLD):
         for variant, stage in CASES:
             runs = {}
             for name, stop_in in (("whole", None), ("stopped", "phase_02_sft2")):
@@ -91,14 +87,6 @@ def _worker(rank: int, port: int, root: str) -> None:
                     runs[name].append(_run(cfg))
             if rank == 0:
                 torch.save(runs, os.path.join(root, f"{variant}_trained.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -106,7 +94,7 @@ def test_stopped_run_resumes_at_the_phase_it_stopped_in(tiny_gpt2, tmp_path):
     os.symlink(tiny_gpt2, tmp_path / "model")
     toytask.write_jsonl(tmp_path / "ifa.jsonl", toytask.make_rows(16, seed=11))
     toytask.write_jsonl(tmp_path / "hpa.jsonl", toytask.make_preference_rows(16, seed=12))
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     phases = ["phase_00_sft1", "phase_01_pref1", "phase_02_sft2", "phase_03_pref2"]
     for variant, _ in CASES:
         trained = torch.load(tmp_path / f"{variant}_trained.pt")

@@ -18,7 +18,6 @@ atol 1e-8, against penalty gradients of order lambda F_i |theta - theta*| ~ 1e-3
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ import torch.multiprocessing as mp
 
 from rayalign import toytask
 from rayalign.ewc import importance
+from conftest import free_port, gloo_group
 
 WORLD, STAGES, LAM, F_MAX = 2, (2, 3), 2.0, 10.0
 LIMITS = dict(max_prompt_length=32, max_length=64)
@@ -46,10 +46,6 @@ def _full(trainer, which: str) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from rayalign.config import DataConfig, TrainConfig
     from rayalign.data import SFTExample, collate, encode
     from rayalign.ewc import Snapshot
@@ -59,7 +55,7 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
 
     examples = [SFTExample(r["prompt"], r["completion"]) for r in toytask.make_rows(8, seed=5)]
     data = DataConfig(path="toy.jsonl", kind="sft", **LIMITS)
-    try:
+    with gloo_group(rank, port, WORLD):
         for stage in STAGES:
             cfg = TrainConfig(objective="sft", zero_stage=stage, micro_batch_size=2, lr=1e-2,
                               warmup_ratio=0.0, max_steps=2, weight_decay=0.0)
@@ -84,19 +80,11 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
                 torch.save({"anchor": anchor_full, "theta": theta_full, "change": change,
                             "grad": grads}, os.path.join(out_dir, f"zero{stage}.pt"))
             dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_penalty_gradient_under_zero2_and_zero3_matches_single_process(tiny_gpt2, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), tiny_gpt2, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), tiny_gpt2, str(tmp_path)), nprocs=WORLD, join=True)
     for stage in STAGES:
         got = torch.load(tmp_path / f"zero{stage}.pt")
         anchor, theta = got["anchor"], got["theta"]

@@ -11,14 +11,13 @@ import json
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import stop_process_group
+from conftest import free_port, stop_process_group
 
 from rayalign.config import LDAlignConfig, load_config
 
@@ -37,12 +36,6 @@ def test_tiny_yaml_is_the_embedded_default():
     assert load_config(LDAlignConfig, ROOT / "configs" / "tiny.yaml") == LDAlignConfig()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head():
     """A `ray start --head --block` cluster with token auth, apart from the session's Ray.
@@ -52,11 +45,11 @@ def head():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    dash = _free_port()
+    dash = free_port()
     # Every listening port explicit: a fixed default (the agent's 52365) taken by another Ray
     # on this machine leaves the head without a job agent ("No available agent").
-    gcs_port = _free_port()
-    ports = [f"--port={gcs_port}"] + [f"--{name}={_free_port()}" for name in (
+    gcs_port = free_port()
+    ports = [f"--port={gcs_port}"] + [f"--{name}={free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")]
     proc = subprocess.Popen(

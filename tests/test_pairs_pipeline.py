@@ -115,7 +115,7 @@ def test_latent_weights_are_distances_over_the_whole_datasets_mean(uniform_run, 
 
 
 def test_policy_dtype_reaches_the_sampler_and_the_reference_model(tiny_gpt2):
-    """policy.dtype is handed to every stage (actors/controller.py); these are the two
+    """policy.dtype is handed to every stage (orchestration/controller.py); these are the two
     stage actors that load the policy here (training: rayalign.train.Trainer's dtype)."""
     from actors.sampler import PolicySampler
     from pipelines.refs import ReferenceLogps

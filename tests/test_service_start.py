@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,17 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import stop_process_group
+from conftest import free_port, stop_process_group
 
 from conftest import kill_processes_with_env
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -36,7 +29,7 @@ def ray_tmp():
     """A private RAY_TMPDIR whose cluster file names a dead head."""
     path = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     (path / "ray").mkdir()
-    (path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
+    (path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     yield path
     kill_processes_with_env(f"RAY_TMPDIR={path}")
     shutil.rmtree(path, ignore_errors=True)
@@ -50,7 +43,7 @@ def _env(ray_tmp: Path, **extra: str) -> dict[str, str]:
 
 
 def test_an_unreachable_ray_address_fails_in_bounded_time_naming_it(ray_tmp, tiny_gpt2):
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     start = time.time()
     out = subprocess.run(
         [sys.executable, "-m", "services.sampler", "--set", f"model_path={tiny_gpt2}"],
@@ -65,7 +58,7 @@ def test_an_unreachable_ray_address_fails_in_bounded_time_naming_it(ray_tmp, tin
 def test_the_sampler_command_serves_despite_a_stale_cluster_file(ray_tmp, tiny_gpt2):
     """Before: `serve run services.sampler:app_builder ...` (the README's command) retried
     "Failed to connect to GCS" forever. Now the README's command starts a fresh local Ray."""
-    port = _free_port()
+    port = free_port()
     service = subprocess.Popen(
         [sys.executable, "-m", "services.sampler", "--set", f"model_path={tiny_gpt2}",
          "--set", f"http.port={port}", "--set", "served_model_name=tiny"],

@@ -17,10 +17,8 @@ DeepSpeed builds the same engine on the CPU, so these tests fail on that engine.
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rayalign import toytask
@@ -28,14 +26,9 @@ from rayalign.config import DataConfig, TrainConfig
 from rayalign.data import PreferenceExample, SFTExample
 from rayalign.hbat import freeze_hook, zero_first_moment
 from rayalign.train import Phase, Trainer, plan_data, process_group_backend, to_rows
+from conftest import free_port, gloo_group
 
 LIMITS = dict(max_prompt_length=32, max_length=64)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _phase(examples, world_size: int = 1, **train) -> Phase:
@@ -52,11 +45,7 @@ def test_gpu_process_group_serves_cpu_tensors_too():
 
 
 def _two_backend_worker(rank: int, port: int, checkpoint: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE="2")
-    torch.set_num_threads(1)
-    dist.init_process_group("cpu:gloo,cuda:gloo", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, port, 2, backend="cpu:gloo,cuda:gloo"):
         rows = toytask.make_rows(8, seed=3)
         pairs = [PreferenceExample(r["prompt"], r["completion"], rows[(i + 1) % 8]["completion"])
                  for i, r in enumerate(rows)]
@@ -64,12 +53,10 @@ def _two_backend_worker(rank: int, port: int, checkpoint: str, out: str) -> None
                        max_steps=2)
         history = Trainer(checkpoint, phase.train).run_phase(phase).history
         torch.save(history, os.path.join(out, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_train_in_a_two_backend_group(tiny_gpt2, tmp_path):
-    mp.spawn(_two_backend_worker, args=(_free_port(), tiny_gpt2, str(tmp_path)), nprocs=2,
+    mp.spawn(_two_backend_worker, args=(free_port(), tiny_gpt2, str(tmp_path)), nprocs=2,
              join=True)
     first, second = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert len(first) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.controller import LDAlignController
+from orchestration.controller import LDAlignController
 from rayalign import toytask
 from rayalign.config import DataConfig, LDAlignConfig, TrainConfig
 
