@@ -24,8 +24,8 @@ from rayalign.config import LDAlignConfig  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_job_config(LDAlignConfig, __doc__.splitlines()[0], argv)  # inputs checked
     # torch, transformers and Ray only now, after the input checks (a second, not ten)
-    from orchestration.controller import GuideNotInformative, LDAlignController
     from actors.runtime import init_ray
+    from orchestration.controller import GuideNotInformative, LDAlignController
     from rayalign.report import summary_table, training_table
 
     start = time.time()
