@@ -16,31 +16,27 @@ def test_exact_match_ignores_whitespace_only():
     assert not exact_match("1 2 3", "1 2 3 3")
 
 
-def test_position_accuracy_grades_near_misses():
-    """Gold 1 2 3 4: one digit replaced -> 3/4; one dropped at position 2 -> 1 2 4 matches
-    positions 1, 2 only -> 2/4; the tail missing -> 1 2 -> 2/4; an extra word -> 4/4 (extra
-    words are the edit distance's business); reversed 4 3 2 1 -> 0."""
-    gold = "1 2 3 4"
-    assert position_accuracy(" 1 2 3 4", gold) == 1.0
-    assert position_accuracy("1 2 5 4", gold) == 0.75
-    assert position_accuracy("1 2 4", gold) == 0.5
-    assert position_accuracy("1 2", gold) == 0.5
-    assert position_accuracy("1 2 3 4 4", gold) == 1.0
-    assert position_accuracy("4 3 2 1", gold) == 0.0
+@pytest.mark.parametrize("prediction, accuracy, distance", [
+    (" 1 2 3 4", 1.0, 0),   # whitespace does not count
+    ("1 2 5 4", 0.75, 1),   # one digit replaced: 3/4 right, one substitution
+    ("1 2 4", 0.5, 1),      # one dropped: positions 1, 2 right; one deletion
+    ("1 2", 0.5, 2),        # the tail missing: two deletions
+    ("1 2 3 4 4", 1.0, 1),  # an extra word: free for the position score, one insertion
+    ("1 3 2 4", 0.5, 2),    # neighbours swapped: two substitutions
+    ("4 3 2 1", 0.0, 4),    # reversed: nothing in place
+    ("", 0.0, 4),           # empty: four insertions
+])
+def test_graded_metrics_by_hand(prediction, accuracy, distance):
+    """position_accuracy and word-level edit_distance against gold 1 2 3 4, by hand."""
+    assert position_accuracy(prediction, "1 2 3 4") == accuracy
+    assert edit_distance(prediction, "1 2 3 4") == distance
+
+
+def test_graded_metrics_edge_cases():
+    """Empty gold: accuracy 1 only for an empty answer, distance = the answer's length;
+    kitten/sitting as letters-as-words is the textbook Levenshtein 3."""
     assert position_accuracy("", "") == 1.0 and position_accuracy("1", "") == 0.0
-
-
-def test_edit_distance_counts_word_edits():
-    """Levenshtein over words, by hand: one substitution 1, one deletion 1, one insertion 1,
-    a swap of neighbours 2 (two substitutions), to/from empty = the other's length,
-    kitten/sitting as letters-as-words = 3 (the textbook value)."""
-    gold = "1 2 3 4"
-    assert edit_distance("1 2 3 4", gold) == 0
-    assert edit_distance("1 2 5 4", gold) == 1
-    assert edit_distance("1 2 4", gold) == 1
-    assert edit_distance("1 2 3 3 4", gold) == 1
-    assert edit_distance("1 3 2 4", gold) == 2
-    assert edit_distance("", gold) == 4 and edit_distance(gold, "") == 4
+    assert edit_distance("1 2 3 4", "") == 4
     assert edit_distance(" ".join("kitten"), " ".join("sitting")) == 3
 
 
