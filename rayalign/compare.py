@@ -11,6 +11,7 @@ The Ray side (running the arms, resuming) is orchestration/compare.py.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -82,7 +83,9 @@ def job_tree(cfg: CompareConfig, seed: int, run_dir: str,
              overrides: Mapping[str, Any] | None = None) -> dict:
     """The job-config dict of one run: the job's defaults, then `base`, then the dotted
     `overrides`, then the seed keys and the run directory."""
-    tree = _merge(_default_sections(JOB_CONFIGS[cfg.job]), cfg.base)
+    # a deep copy: `_merge` keeps the nested dicts it does not merge, and the overrides below
+    # would otherwise write into `cfg.base` itself (one arm's override leaking into the next)
+    tree = _merge(_default_sections(JOB_CONFIGS[cfg.job]), copy.deepcopy(cfg.base))
     for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
     for key in cfg.seed_keys:

@@ -128,3 +128,16 @@ def test_report_tabulates_the_recorded_arms_only(tmp_path):
     assert "| spin | 0.1 ± 0 | 0.3 ± 0.14 |" in text and "| sft | - | - |" in text
     assert "seeds per arm: ld_align: [0]; spin: [0, 1]; sft: []" in text
     assert (tmp_path / "c" / "per_seed.csv").read_text().count("\n") == 1 + 6
+
+
+def test_an_arm_override_never_leaks_into_base_or_the_next_arm():
+    """The train job's `train` section is not among its default sections, so `base.train` is
+    merged as it is: building the kto arm must not change `base` (which the comparison's
+    fingerprint hashes) nor the arm built after it, which overrides nothing."""
+    cfg = build_config(CompareConfig, {
+        "job": "train", "run_dir": "r", "seed_keys": ["train.seed"],
+        "base": {"train": {"objective": "aot", "lr": 5e-4}},
+        "arms": {"kto": {"train.objective": "kto"}, "plain": {}}})
+    assert arm_config(cfg, "kto", 3, "r/kto/seed_3").train.objective == "kto"
+    assert arm_config(cfg, "plain", 3, "r/plain/seed_3").train.objective == "aot"
+    assert cfg.base == {"train": {"objective": "aot", "lr": 5e-4}}
