@@ -12,8 +12,9 @@
                                      rewards per arm (the AOT paper's Figure 1)
 
 Each arm is the job's own controller, unchanged: the LD-Align controller, the Hbat driver
-(orchestration/hbat.py) or the training jobs' `train_job` (actors/trainer.py) followed by held-out
-implied rewards, so every arm's numbers come from the same evaluation code and every arm resumes the way its job does. A finished arm is recorded
+(orchestration/hbat.py) or the training jobs' `train_job` (actors/trainer.py) followed by
+held-out implied rewards, so every arm's numbers come from the same evaluation code and every
+arm resumes the way its job does. A finished arm is recorded
 in the comparison's manifest with its result rows and is never run again; a killed comparison
 restarted with the same run_dir skips the finished arms and resumes the interrupted one at its
 first unfinished stage. Arms run one after another, or with `parallel: k` k at a time as
