@@ -11,9 +11,15 @@ before issue 15). `--connections` clients send `--requests` requests back to bac
 bearer token. Counts every status (anything but 200 and 503 is an error) and the latency of
 served (200) and shed (503) requests; writes bench/results/load.md.
 
-Latency bound: a served request waited behind at most ``max_ongoing + max_queued`` requests,
-so its latency is at most about ``(max_ongoing + max_queued) / throughput`` (reported as the
-bound), while without shedding every request queues behind all `--connections`.
+Latency bound (services/http.py): a served request waits behind at most
+``max_ongoing * replicas + max_queued`` others (held by the replicas, in arrival order, plus
+the proxy's queue), so its latency is at most about that over the throughput (reported as
+the bound; one engine call more at most), while without shedding every request queues
+behind all `--connections`. 503s are counted by who answered: Serve's router (plain text) or
+the app (its error body; the sampler's ingress when its sampler deployment is full). Each
+latency is also read from Serve's proxy access log, which leaves out the client. The 1-minute
+load average of the machine is read before and after each case: the bound holds only while
+the proxy and this client get CPU time.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import asyncio
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -50,13 +57,16 @@ UNBOUNDED = {"max_ongoing_requests": 100_000, "max_queued_requests": 100_000}
 async def drive(url: str, bodies: list[dict], connections: int, requests: int) -> dict:
     """`connections` workers send `requests` POSTs back to back; statuses and latencies."""
     statuses: Counter = Counter()
-    served, shed = [], []
+    served, shed, by_app = [], [], 0
 
     async def worker(client: httpx.AsyncClient, tickets) -> None:
+        nonlocal by_app
         for i in tickets:
             start = time.perf_counter()
             try:
-                status = (await client.post(url, json=bodies[i % len(bodies)])).status_code
+                response = await client.post(url, json=bodies[i % len(bodies)])
+                status = response.status_code
+                by_app += status == 503 and b"overloaded" in response.content
             except httpx.HTTPError as err:
                 status = type(err).__name__
             statuses[status] += 1
@@ -76,7 +86,35 @@ async def drive(url: str, bodies: list[dict], connections: int, requests: int) -
     return {"statuses": dict(statuses), "seconds": wall, "served_rps": len(served) / wall,
             "served_p50_ms": pct(served, 50), "served_p99_ms": pct(served, 99),
             "served_max_ms": pct(served, 100), "shed_p99_ms": pct(shed, 99),
+            "shed_by_app": by_app,
             "errors": sum(n for s, n in statuses.items() if s not in (200, 503))}
+
+
+def proxy_logs() -> dict[Path, int]:
+    """Serve's proxy access logs of this Ray session and their sizes now."""
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    return {log: log.stat().st_size for log in (session / "logs" / "serve").glob("proxy_*.log")}
+
+
+def proxy_view(since: dict[Path, int], route: str) -> dict:
+    """Latency as Serve's proxy logged it (from the proxy's handler to the answer), for the
+    lines about `route` written after `since`: what the client adds is outside it."""
+    ms: dict[int, list[float]] = {200: [], 503: []}
+    for log in proxy_logs():
+        with open(log, "rb") as f:
+            f.seek(since.get(log, 0))
+            text = f.read().decode("utf-8", "replace")
+        for status, value in re.findall(rf"POST {re.escape(route)} (\d+) ([\d.]+)ms", text):
+            ms.setdefault(int(status), []).append(float(value))
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return float(np.percentile(xs, q)) if xs else None
+
+    return {"proxy_logged": sum(len(v) for v in ms.values()),
+            "proxy_served_p50_ms": pct(ms[200], 50), "proxy_served_p99_ms": pct(ms[200], 99),
+            "proxy_shed_p99_ms": pct(ms[503], 99)}
 
 
 def run_case(app, name: str, route: str, path: str, bodies: list[dict], args) -> dict:
@@ -86,7 +124,11 @@ def run_case(app, name: str, route: str, path: str, bodies: list[dict], args) ->
     try:
         url = f"http://127.0.0.1:8000{route}{path}"
         asyncio.run(drive(url, bodies, 4, 16))  # warm-up
-        return asyncio.run(drive(url, bodies, args.connections, args.requests))
+        load, since = os.getloadavg()[0], proxy_logs()
+        result = asyncio.run(drive(url, bodies, args.connections, args.requests))
+        load = (load, os.getloadavg()[0])
+        time.sleep(5)  # the proxy writes its access log in batches
+        return {**result, **proxy_view(since, route + path), "load": load}
     finally:
         serve.delete(name)
 
@@ -104,7 +146,7 @@ def cases(args, work: Path):
     items = make_requests(256, 4)
     prompts = [{"model": "tiny", "prompt": it["prompt"], "max_tokens": 8, "seed": i}
                for i, it in enumerate(items)]
-    for service, label, extra in [(s, label, extra) for s in ("scoring", "sampler")
+    for service, label, extra in [(s, label, extra) for s in args.services
                                   for label, extra in (("shipped shedding", {}),
                                                        ("no shedding", UNBOUNDED))]:
         http = HTTPServiceConfig.model_validate({**shipped[service].model_dump(),
@@ -118,9 +160,11 @@ def cases(args, work: Path):
                                        sampling=SamplingConfig(max_new_tokens=8, batch_size=16),
                                        app_name="load-sampler", route_prefix="/load-sampler")
             app, path, bodies = sampler.build_app(cfg), "/v1/completions", prompts
-        result = run_case(app, cfg.app_name, cfg.route_prefix, path, bodies, args)
-        queue = http.max_ongoing_requests + http.max_queued_requests
-        result["bound_ms"] = 1000 * queue / result["served_rps"] if extra == {} else None
+        route = f"{cfg.route_prefix}-{'shed' if extra == {} else 'unbounded'}"
+        result = run_case(app, cfg.app_name, route, path, bodies, args)
+        ingresses = cfg.replicas.num_actors if service == "scoring" else 1  # sampler: 1 ingress
+        held = http.max_ongoing_requests * ingresses + http.max_queued_requests  # one proxy
+        result["bound_ms"] = 1000 * held / result["served_rps"] if extra == {} else None
         result.update(service=service, case=label, max_ongoing=http.max_ongoing_requests,
                       max_queued=http.max_queued_requests)
         print(result, flush=True)
@@ -135,15 +179,18 @@ def table(rows: list[dict], args) -> str:
              f"{platform.machine()} ({os.cpu_count()} CPUs, shared with other jobs), "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One replica per "
              "deployment, tiny models, loopback, bearer token.", "",
-             "| service | case | max ongoing / queued | 200 | 503 | other | served req/s | "
-             "served p50 ms | served p99 ms | served max ms | bound ms | shed p99 ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| service | case | max ongoing / queued | 200 | 503 (by the app) | other | "
+             "served req/s | served p50 ms | served p99 ms | served max ms | bound ms | "
+             "shed p99 ms | proxy: served p50 / p99 ms, shed p99 ms | load before / after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["statuses"]
         lines.append(f"| {r['service']} | {r['case']} | {r['max_ongoing']:,} / {r['max_queued']:,}"
-                     f" | {s.get(200, 0)} | {s.get(503, 0)} | {r['errors']} | "
+                     f" | {s.get(200, 0)} | {s.get(503, 0)} ({r['shed_by_app']}) | {r['errors']} | "
                      f"{r['served_rps']:.1f} | {ms(r['served_p50_ms'])} | {ms(r['served_p99_ms'])} "
-                     f"| {ms(r['served_max_ms'])} | {ms(r['bound_ms'])} | {ms(r['shed_p99_ms'])} |")
+                     f"| {ms(r['served_max_ms'])} | {ms(r['bound_ms'])} | {ms(r['shed_p99_ms'])} "
+                     f"| {ms(r['proxy_served_p50_ms'])} / {ms(r['proxy_served_p99_ms'])}, "
+                     f"{ms(r['proxy_shed_p99_ms'])} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
     return "\n".join(lines)
 
 
@@ -151,6 +198,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=256)
+    parser.add_argument("--services", nargs="+", choices=("scoring", "sampler"),
+                        default=["scoring", "sampler"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     import ray
 
@@ -161,7 +211,7 @@ def main() -> None:
     ray.shutdown()
     text = table(rows, args)
     print(text)
-    RESULTS.write_text("# Load shedding (bench/load.py)\n\n" + text + "\n")
+    args.out.write_text("# Load shedding (bench/load.py)\n\n" + text + "\n")
 
 
 if __name__ == "__main__":

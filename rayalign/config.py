@@ -139,9 +139,11 @@ class HTTPServiceConfig(Section):
     auth_token: SecretStr | None = Field(
         None, description="Bearer token; prefer auth_token_env (never printed).")
     max_body_bytes: int = Field(1 << 20, gt=0, description="Larger bodies get 413, unread.")
-    max_ongoing_requests: int = Field(16, gt=0, description="Requests a replica works on at once.")
+    max_ongoing_requests: int = Field(
+        64, gt=0, description="Requests a replica holds at once (in work or in its batch queue).")
     max_queued_requests: int = Field(
-        64, gt=0, description="Requests waiting for a replica; beyond, 503 at once (shedding).")
+        8, gt=0, description="Requests waiting in the proxy for a replica; beyond, 503 at once "
+        "(services/http.py: the latency bound).")
     host: str = Field("127.0.0.1", description="Where `python -m services.<app>` has Serve "
                       "listen (0.0.0.0 = every interface; give a token then).")
     port: int = Field(8000, gt=0, lt=65536, description="Serve's HTTP port (python -m only).")
@@ -395,7 +397,7 @@ class ScoringConfig(Section):
     max_batch_size: int = Field(64, gt=0, description="(prompt, response) pairs per encoder call.")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     http: HTTPServiceConfig = HTTPServiceConfig(auth_token_env="RAYALIGN_SCORING_TOKEN",
-                                                max_ongoing_requests=64, max_queued_requests=256)
+                                                max_ongoing_requests=128, max_queued_requests=8)
     max_items: int = Field(64, gt=0, description="Items per request.")
     max_candidates: int = Field(64, gt=0, description="Candidates per item.")
     max_text_chars: int = Field(8192, gt=0, description="Characters per prompt/response string.")

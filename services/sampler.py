@@ -253,7 +253,7 @@ class OpenAIIngress:
             results = await self.sampler.generate.remote(prompts, seeds, params)
         except BackPressureError:
             raise APIError(503, "the sampler is at capacity; retry later", None,
-                           "overloaded") from None
+                           "overloaded", {"Retry-After": "1"}) from None
         prompt_tokens = sum(len(prompt_token_ids(self.tokenizer, p, self.cfg.max_prompt_length))
                             for p in prompts)
         completion_tokens = sum(len(c.token_ids) for cs in results for c in cs)

@@ -227,8 +227,8 @@ def test_a_token_given_on_the_command_line_is_never_echoed():
 
 
 def test_load_past_the_queue_is_shed_with_503(ray_cluster, tiny_gpt2):
-    """One request in work and one queued per deployment: of 24 sent at once, the others
-    get 503 at once, in OpenAI's shape, and every answer is 200 or 503."""
+    """One request held per replica and one queued in the proxy: of 24 sent at once, the
+    others get 503 at once, with Retry-After, and every answer is 200 or 503."""
     http = HTTPServiceConfig(auth_token=TOKEN, max_ongoing_requests=1, max_queued_requests=1)
     cfg = SamplerServiceConfig(model_path=tiny_gpt2, served_model_name=MODEL, http=http,
                                sampling=SamplingConfig(max_new_tokens=12), app_name="limits-shed",
@@ -243,9 +243,16 @@ def test_load_past_the_queue_is_shed_with_503(ray_cluster, tiny_gpt2):
 
     try:
         start = time.time()
-        statuses = [r.status_code for r in asyncio.run(burst())]
+        responses = asyncio.run(burst())
+        statuses = [r.status_code for r in responses]
         print(f"shedding: {statuses.count(200)} x 200, {statuses.count(503)} x 503 in "
               f"{time.time() - start:.1f} s")
         assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and 200 in statuses
+        # shed at once with Retry-After: by Serve's router in the proxy (before any replica;
+        # http.deployment_options) or by the ingress when its sampler deployment is full
+        shed = [r for r in responses if r.status_code == 503]
+        assert all(r.headers.get("retry-after") == "1" for r in shed)
+        assert all(r.json()["error"]["code"] == "overloaded" for r in shed
+                   if r.headers["content-type"] == "application/json")
     finally:
         serve.delete(cfg.app_name)
