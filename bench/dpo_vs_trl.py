@@ -30,7 +30,11 @@ model FLOP/s against this machine's float32 matmul peak measured in the same run
 matmul with the same thread count, between rounds). Model FLOPs are the standard count for the
 work the step delivers, the same for both sides: per sequence of T tokens a forward is
 2 N T + 2 L T^2 d (N = weights of the linear layers incl. the output head, L layers, d the
-attention width, causal), the policy 3 forwards' worth, a live reference one more.
+attention width, causal), the policy 3 forwards' worth, a live reference one more. They count
+every sequence whole, the work both sides deliver; rayalign's packed pairs (``train.pack_pairs``,
+off with ``--no-pack``) compute each pair's shared prefix once, and the report says what share
+of the tokens that leaves. Each measurement records the machine's load average at its start
+and end.
 """
 
 from __future__ import annotations
@@ -94,14 +98,16 @@ def add_ref_columns(checkpoint: str, rows: list[dict], data: DataConfig, batch: 
             r["ref_chosen_logps"], r["ref_rejected_logps"] = float(c), float(j)
 
 
-def _lengths(tokenizer, rows: list[dict], data: DataConfig) -> list[int]:
-    """Token counts of every sequence (chosen and rejected of each pair), as rayalign encodes."""
-    out = []
+def _lengths(tokenizer, rows: list[dict], data: DataConfig) -> tuple[list[int], int]:
+    """Token counts of every sequence (chosen and rejected of each pair), as rayalign encodes,
+    and the tokens of the packed rows (`rayalign.pairpack`: the shared prefix once)."""
+    out, packed = [], 0
     for r in rows:
-        for side in ("chosen", "rejected"):
-            p, c = encode(tokenizer, r["prompt"], r[side], data.max_prompt_length, data.max_length)
-            out.append(len(p) + len(c))
-    return out
+        a, b = (sum(encode(tokenizer, r["prompt"], r[side], data.max_prompt_length,
+                           data.max_length), []) for side in ("chosen", "rejected"))
+        out += [len(a), len(b)]
+        packed += len(a) + len(b) - len(os.path.commonprefix([a, b]))
+    return out, packed
 
 
 def model_flops_per_pair(checkpoint: str, lengths: list[int], live_ref: bool) -> float:
@@ -170,7 +176,7 @@ def bench_rayalign(checkpoint: str, rows: list[dict], args, data: DataConfig) ->
     train = TrainConfig(objective="dpo", beta=args.beta, lr=args.lr, warmup_ratio=0.0,
                         max_steps=_total_steps(args), micro_batch_size=args.batch,
                         use_gpu=torch.cuda.is_available(), max_grad_norm=1e9,
-                        length_window=args.length_window)
+                        length_window=args.length_window, pack_pairs=not args.no_pack)
     examples = [PreferenceExample(**r) for r in rows]
     trainer = Trainer(checkpoint, train)
     # tokenized before training, as TRL does (and as the Ray driver does)
@@ -240,6 +246,8 @@ def parse_args() -> argparse.Namespace:
                         choices=["live", "precomputed"], help="comparisons to run")
     parser.add_argument("--length-window", type=int, default=32,
                         help="rayalign's train.length_window (0: rows in order, as TRL)")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="rayalign's two-row forward per pair (train.pack_pairs false)")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--beta", type=float, default=0.1)
@@ -256,16 +264,18 @@ def run_side(side: str, reference: str, checkpoint: str, rows_file: str) -> dict
     argv = [a for a in sys.argv[1:]]
     argv += ["--side", side, "--checkpoint", checkpoint, "--rows", rows_file,
              "--reference", reference]
+    load = os.getloadavg()[0]
     out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{side} ({reference}) failed:\n{out.stderr[-4000:]}")
     table, result = out.stdout.rsplit("RESULT ", 1)
     if "--profile" in argv:
         print(f"== {side}, {reference} reference ==\n{table.strip()}")
-    return json.loads(result)
+    # the machine's 1-minute load average when the measurement started and ended
+    return {**json.loads(result), "load": [load, os.getloadavg()[0]]}
 
 
-def report(args, checkpoint, results, flops, peaks, lengths) -> None:
+def report(args, checkpoint, results, flops, peaks, lengths, packed) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     tokens = sum(lengths) / (len(lengths) / 2)
     # the machine's best; a busy machine only lowers a measurement
@@ -276,6 +286,9 @@ def report(args, checkpoint, results, flops, peaks, lengths) -> None:
           f"{peak / 1e9:.1f} GFLOP/s wall, {peak_cpu / 1e9:.1f} GFLOP/CPU-s (best of: "
           + " ".join(f"{p[0] / 1e9:.1f}/{p[1] / 1e9:.1f}" for p in peaks)
           + "); rates are medians over rounds")
+    print(f"rayalign's packed pairs (train.pack_pairs) compute {packed / sum(lengths):.1%} of "
+          f"these tokens (each pair's shared prefix once); FLOP figures count all of them, "
+          f"the work both sides deliver")
     for reference, by_side in results.items():
         print(f"\n[{reference} reference]  model GFLOP/pair {flops[reference] / 1e9:.2f}")
         print(f"{'':10} {'pairs/s':>8} {'tokens/s':>9} {'pairs/cpu-s':>12} {'GFLOP/s':>8} "
@@ -292,6 +305,9 @@ def report(args, checkpoint, results, flops, peaks, lengths) -> None:
             ratios = [a[key] / b[key] for a, b in zip(by_side["rayalign"], by_side["trl"])]
             print(f"ratio rayalign / trl ({key}): {statistics.median(ratios):.2f}x  (rounds: "
                   + " ".join(f"{r:.2f}" for r in ratios) + ")")
+        for side, values in by_side.items():
+            print(f"load average (1 min) at start-end of each {side} measurement: "
+                  + ", ".join(f"{v['load'][0]:.0f}-{v['load'][1]:.0f}" for v in values))
 
 
 def main() -> None:
@@ -319,7 +335,7 @@ def main() -> None:
         tokenizer = load_tokenizer(checkpoint)
         rows = (pack_rows(args.data, tokenizer, args.pack, n) if args.data
                 else toytask.make_preference_rows(n, 0))
-        lengths = _lengths(tokenizer, rows, data)
+        lengths, packed = _lengths(tokenizer, rows, data)
         files = {"live": Path(tmp) / "rows.json", "precomputed": Path(tmp) / "rows_ref.json"}
         files["live"].write_text(json.dumps(rows))
         if "precomputed" in args.reference:
@@ -338,7 +354,7 @@ def main() -> None:
                     print(f"round {i} {reference} {side}: {results[reference][side][-1]}",
                           file=sys.stderr, flush=True)
         peaks.append(matmul_peak(args.threads))
-        report(args, checkpoint, results, flops, peaks, lengths)
+        report(args, checkpoint, results, flops, peaks, lengths, packed)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,10 @@ class TrainConfig(Section):
         32, ge=0, description="Micro-batches per shuffle window whose rows are sorted by length "
         "(less padding; rayalign.grouping); 1 = a plain per-epoch shuffle, 0 = rows in their "
         "given order.")
+    pack_pairs: bool = Field(
+        True, description="Preference objectives: one forward per pair, the prompt shared by "
+        "chosen and rejected computed once (rayalign.pairpack; exact). Models it cannot serve "
+        "(sliding windows, ALiBi, flash-attention) run the two-row forward regardless.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the "
                                          "backward (less memory, ~1/3 more compute).")
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(

@@ -13,8 +13,10 @@ rest (objective, beta, learning rate, weight decay, length) may change per phase
 One optimizer step (the loop in `Trainer.run_phase`):
 
 1. ``gradient_accumulation_steps`` micro-batches, each one forward of the policy over chosen
-   rows then rejected rows (the `rayalign.data.collate_pairs` layout; token ids from
-   `tokenize_rows` or tokenized on the fly; `rayalign.logprobs`), reference
+   rows then rejected rows (the `rayalign.data.collate_pairs` layout), or with
+   ``train.pack_pairs`` over one row per pair whose shared prompt is computed once
+   (`rayalign.pairpack`, same log-probs; models it cannot serve keep the two rows); token ids
+   from `tokenize_rows` or tokenized on the fly; `rayalign.logprobs`; reference
    log-probs from the precomputed columns or a frozen reference model, the loss from
    `rayalign.losses`, ``engine.backward``. DeepSpeed divides each micro-batch loss by the
    accumulation steps and *averages* gradients over data-parallel ranks, which is what
@@ -86,6 +88,7 @@ from .dsops import ensure_ops
 from .grouping import grouped_batches
 from .kto import kto_mean_reference_point, kto_terms
 from .logprobs import sequence_logprobs
+from .pairpack import PairPack, pack_pairs, pair_logprobs, supports_pair_packing
 from .lora import adapters_disabled, apply_lora, export_lora
 from .models import load_model, load_tokenizer, resolve_dtype, save_checkpoint
 
@@ -306,9 +309,10 @@ def _row_length(row: Mapping) -> int:
 
 @dataclass
 class MicroBatch:
-    """Tokenized sequences of one micro-batch; pairs put chosen rows before rejected rows."""
+    """Tokenized sequences of one micro-batch; pairs put chosen rows before rejected rows, in
+    two rows each or packed into one (`rayalign.pairpack`)."""
 
-    sequences: SequenceBatch
+    sequences: SequenceBatch | PairPack
     num_examples: int  # pairs, or SFT rows
     ref_logps: Tensor | None  # (2B,) chosen then rejected, when precomputed
     weights: Tensor | None  # (B,) for weighted_dpo
@@ -340,9 +344,11 @@ def tokenize_rows(tokenizer, rows: Iterable[Mapping], kind: str, data: DataConfi
 
 
 def build_micro_batch(
-    tokenizer, rows: Sequence[Mapping], objective: str, data: DataConfig, precomputed_ref: bool
+    tokenizer, rows: Sequence[Mapping], objective: str, data: DataConfig, precomputed_ref: bool,
+    pack: bool = False,
 ) -> MicroBatch:
-    """Collate one micro-batch of row dicts (`to_rows` format, optionally `tokenize_rows`).
+    """Collate one micro-batch of row dicts (`to_rows` format, optionally `tokenize_rows`);
+    ``pack``: pairs as `rayalign.pairpack.PairPack` rows.
 
     Rows without token ids are tokenized here (`rayalign.data.encode`, the same ids).
     """
@@ -367,7 +373,8 @@ def build_micro_batch(
                           _tensor(ref), None, kl_sequences=kl)
     # chosen rows, then rejected rows: one forward (as rayalign.data.collate_pairs)
     chosen, rejected = [ids(r, "chosen") for r in rows], [ids(r, "rejected") for r in rows]
-    seqs = collate(chosen + rejected, tokenizer.pad_token_id)
+    seqs = (pack_pairs(chosen, rejected, tokenizer.pad_token_id) if pack
+            else collate(chosen + rejected, tokenizer.pad_token_id))
     ref = ([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows]
            if precomputed_ref else None)
     weights = _tensor([r["weight"] for r in rows]) if objective == "weighted_dpo" else None
@@ -382,6 +389,23 @@ def kl_pairs(seqs: Sequence[tuple[list[int], list[int]]], max_length: int
     the completions within a batch; the completion is cut to fit ``max_length``."""
     return [(prompt, seqs[i - 1][1][:max(1, max_length - len(prompt))])
             for i, (prompt, _) in enumerate(seqs)]
+
+
+def batch_logprobs(model: torch.nn.Module, batch: SequenceBatch | PairPack) -> tuple[Tensor, Tensor]:
+    """Summed response log-probs and response token counts of either layout (chosen first)."""
+    if isinstance(batch, PairPack):
+        return pair_logprobs(model, batch)
+    return sequence_logprobs(model, batch)
+
+
+def batch_counts(batch: SequenceBatch | PairPack) -> tuple[float, float, float]:
+    """Tokens of the sequences, non-padding positions the forward computes, and all its
+    positions (rows x width): the step metrics' tokens and padding share."""
+    if isinstance(batch, PairPack):
+        return (float(batch.sequence_lengths.sum()), float(batch.lengths.sum()),
+                float(batch.input_ids.numel()))
+    tokens = float(batch.attention_mask.sum())
+    return tokens, tokens, float(batch.attention_mask.numel())
 
 
 def _tensor(values: Sequence[float] | None) -> Tensor | None:
@@ -525,6 +549,8 @@ class Trainer:
             # copy-back of every gradient that DeepSpeed's ZeRO-0 backward does regardless.
             self.engine.enable_backward_allreduce = False
         self.clips_in_torch = clips_in_torch(train, self.dtype)
+        # the reference model is loaded from the same checkpoint, so it packs alike
+        self.packs_pairs = supports_pair_packing(self.module)
         self._grad_norm: float | None = None
         self._reference: torch.nn.Module | None = None
 
@@ -632,10 +658,12 @@ class Trainer:
                     sums: dict[str, float]) -> bool:
         """Forward + backward of one micro-batch; False if it was skipped as non-finite."""
         train = phase.train
+        pack = (train.pack_pairs and self.packs_pairs
+                and OBJECTIVE_DATA_KIND[train.objective] == "preference")
         batch = build_micro_batch(self.tokenizer, rows, train.objective, phase.data,
-                                  phase.plan.precomputed_ref)
+                                  phase.plan.precomputed_ref, pack)
         seqs = batch.sequences.to(self.device)
-        policy_logps, num_tokens = sequence_logprobs(self.engine, seqs)
+        policy_logps, num_tokens = batch_logprobs(self.engine, seqs)
         ref = batch.ref_logps
         if ref is None and train.objective != "sft":
             ref = self.reference_logps(seqs)
@@ -659,8 +687,9 @@ class Trainer:
             return False
         state.nonfinite_run = 0
         self.engine.backward(loss)
+        tokens, computed, slots = batch_counts(seqs)
         _add(sums, loss=loss.item(), micro_batches=1.0, examples=float(batch.num_examples),
-             tokens=float(seqs.attention_mask.sum()), slots=float(seqs.attention_mask.numel()))
+             tokens=tokens, computed=computed, slots=slots)
         if terms is not None:
             chosen, rejected = terms.chosen_rewards.mean().item(), terms.rejected_rewards.mean().item()
             _add(sums, chosen_reward=chosen, rejected_reward=rejected, margin=chosen - rejected)
@@ -680,7 +709,7 @@ class Trainer:
                         state: PhaseState) -> dict[str, float]:
         """Per-step metrics: means over micro-batches and ranks, rates over all ranks."""
         keys = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "weight",
-                "micro_batches", "examples", "tokens", "slots", "skipped", "pairs",
+                "micro_batches", "examples", "tokens", "computed", "slots", "skipped", "pairs",
                 "distinct_pairs", "distinct_wins")
         # on the training device: an NCCL-only group rejects CPU tensors
         totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64,
@@ -693,7 +722,7 @@ class Trainer:
                    "loss": t["loss"] / n, "examples_per_s": t["examples"] / seconds,
                    "tokens_per_s": t["tokens"] / seconds, "skipped": t["skipped"],
                    # share of the padded [rows, width] slots of the step's forwards that are padding
-                   "padding": 1.0 - t["tokens"] / t["slots"] if t["slots"] else 0.0}
+                   "padding": 1.0 - t["computed"] / t["slots"] if t["slots"] else 0.0}
         metrics.update({k: t[k] / n for k in ("chosen_reward", "rejected_reward", "margin",
                                               "accuracy", "weight") if k in sums})
         if t["pairs"]:  # accuracy over the pairs whose responses differ, and their share
@@ -725,15 +754,15 @@ class Trainer:
             ratio = torch.cat(means)
         return kto_mean_reference_point(ratio.detach())
 
-    def reference_logps(self, seqs: SequenceBatch) -> Tensor:
+    def reference_logps(self, seqs: SequenceBatch | PairPack) -> Tensor:
         """Summed response log-probs under the reference model (no gradient): the policy with
         its LoRA adapters disabled, else the frozen initial policy (`reference`)."""
         with torch.inference_mode():
             if self.engine_train.lora is not None:
                 with adapters_disabled(self.module):
-                    ref, _ = sequence_logprobs(self.module, seqs)
+                    ref, _ = batch_logprobs(self.module, seqs)
             else:
-                ref, _ = sequence_logprobs(self.reference(), seqs)
+                ref, _ = batch_logprobs(self.reference(), seqs)
         return ref.clone()  # an inference tensor cannot enter the loss's autograd graph
 
     def reference(self) -> torch.nn.Module:

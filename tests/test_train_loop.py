@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -346,13 +347,41 @@ def test_disable_dropout(gloo_rank, tiny_gpt2, tmp_path, disable):
     assert torch.equal(first, second) == disable
 
 
-def test_step_metrics_report_the_padding_share(gloo_rank, tiny_gpt2):
-    """One step of one micro-batch of all 4 pairs: padding = 1 - real tokens / (8 x width)."""
+@pytest.mark.parametrize("pack", [False, True])
+def test_step_metrics_report_the_padding_share(gloo_rank, tiny_gpt2, pack):
+    """One step of one micro-batch of all 4 pairs: padding = 1 - real positions / (rows x
+    width), rows = the 8 sequences, or packed the 4 pairs of |chosen| + |rejected| - shared
+    prefix positions each (rayalign.pairpack)."""
     examples = toy_examples("preference", 4)
-    phase = make_phase(examples, max_steps=1, micro_batch_size=4)
+    phase = make_phase(examples, max_steps=1, micro_batch_size=4, pack_pairs=pack)
     history = Trainer(tiny_gpt2, phase.train).run_phase(phase).history
-    seqs = collate_pairs(load_tokenizer(tiny_gpt2), [e.prompt for e in examples],
+    tokenizer = load_tokenizer(tiny_gpt2)
+    seqs = collate_pairs(tokenizer, [e.prompt for e in examples],
                          [e.chosen for e in examples], [e.rejected for e in examples], **LIMITS)
     expected = 1.0 - float(seqs.attention_mask.sum()) / seqs.attention_mask.numel()
+    if pack:
+        ids = [seqs.input_ids[i][seqs.attention_mask[i].bool()].tolist() for i in range(8)]
+        rows = [len(a) + len(b) - len(os.path.commonprefix([a, b]))
+                for a, b in zip(ids[:4], ids[4:])]
+        expected = 1.0 - sum(rows) / (4 * max(rows))
     assert expected > 0.05
     assert history[0]["padding"] == pytest.approx(expected, abs=1e-12)
+    assert history[0]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("objective", ["dpo", "aot"])
+def test_packed_pairs_train_like_two_rows(gloo_rank, tiny_llama, objective):
+    """One step of two accumulated micro-batches: loss, rewards and gradient norm with packed
+    pairs equal the two-row run's. Log-probs agree to float32 rounding (a few eps of sums of
+    ~50 nats, tests/test_pairpack.py), so 1e-5 relative; the parameters are not compared: a
+    first AdamW step is ~lr * sign(g), which rounding may flip for entries of g near 0."""
+    metrics = {}
+    for pack in (False, True):
+        phase = make_phase(toy_examples("preference", 8), max_steps=1, micro_batch_size=2,
+                           gradient_accumulation_steps=2, objective=objective, pack_pairs=pack)
+        trainer = Trainer(tiny_llama, phase.train)
+        assert trainer.packs_pairs
+        metrics[pack] = trainer.run_phase(phase).history[0]
+    for key in ("loss", "chosen_reward", "rejected_reward", "grad_norm"):
+        assert metrics[True][key] == pytest.approx(metrics[False][key], rel=1e-5, abs=1e-7), key
+    assert metrics[True]["padding"] < metrics[False]["padding"]
