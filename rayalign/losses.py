@@ -12,6 +12,7 @@ averaging belong to the training loop, not here.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -127,28 +128,6 @@ def dpo_terms(
     )
 
 
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float,
-    weights: Tensor | None = None,
-    label_smoothing: float = 0.0,
-) -> Tensor:
-    """Batch mean of :func:`dpo_terms` losses (plain DPO, SPIN, or LD-Align weighted DPO)."""
-    return dpo_terms(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta=beta,
-        weights=weights,
-        label_smoothing=label_smoothing,
-    ).loss
-
-
 def _hinge(z: Tensor, label_smoothing: float) -> Tensor:
     return F.relu(1 - z)
 
@@ -254,32 +233,6 @@ def aot_terms(
     return PreferenceTerms(losses, chosen_rewards, rejected_rewards, mass)
 
 
-def aot_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float,
-    paired: bool = True,
-    loss: str = "logistic",
-    label_smoothing: float = 0.0,
-    group: dist.ProcessGroup | None = None,
-) -> Tensor:
-    """Mean over quantiles of :func:`aot_terms` (same on every rank when distributed)."""
-    return aot_terms(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta=beta,
-        paired=paired,
-        loss=loss,
-        label_smoothing=label_smoothing,
-        group=group,
-    ).loss
-
-
 def ipo_terms(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -320,26 +273,21 @@ def ipo_terms(
     )
 
 
-def ipo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float,
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
-) -> Tensor:
-    """Batch mean of :func:`ipo_terms` losses."""
-    return ipo_terms(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        beta=beta,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-    ).loss
+def _scalar_loss(terms: Callable[..., PreferenceTerms]) -> Callable[..., Tensor]:
+    """The scalar loss of an ``*_terms`` function: the same arguments, its ``.loss``."""
+
+    @functools.wraps(terms)
+    def loss(*args, **kwargs) -> Tensor:
+        return terms(*args, **kwargs).loss
+
+    loss.__name__ = loss.__qualname__ = terms.__name__.replace("_terms", "_loss")
+    loss.__doc__ = f"``{terms.__name__}(...).loss``: the scalar loss (same arguments)."
+    return loss
+
+
+dpo_loss = _scalar_loss(dpo_terms)  # plain DPO, SPIN, or LD-Align weighted DPO
+aot_loss = _scalar_loss(aot_terms)  # mean over quantiles, the same on every rank
+ipo_loss = _scalar_loss(ipo_terms)
 
 
 def _quantile_coupling(n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
