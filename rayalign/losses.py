@@ -13,6 +13,7 @@ averaging belong to the training loop, not here.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -281,6 +282,7 @@ def _scalar_loss(terms: Callable[..., PreferenceTerms]) -> Callable[..., Tensor]
         return terms(*args, **kwargs).loss
 
     loss.__name__ = loss.__qualname__ = terms.__name__.replace("_terms", "_loss")
+    loss.__signature__ = inspect.signature(terms).replace(return_annotation="Tensor")
     loss.__doc__ = f"``{terms.__name__}(...).loss``: the scalar loss (same arguments)."
     return loss
 
