@@ -7,7 +7,7 @@ For each ZeRO stage: ``--workers`` gloo ranks (CPU) build one `rayalign.train.Tr
 random-init GPT-2 of the given size (rayalign.tiny, no download) and run one DPO phase on toy
 preference pairs with reference log-probs precomputed (as Hbat's preference phases do). The
 gradient hook alternates in blocks of ``--block`` optimizer steps between Hbat's EWC term
-(`rayalign.hbat.ewc_hook`: anchor on the CPU, F over all tensors, lambda F_i (theta - theta*)
+(`rayalign.hbat_penalty.ewc_hook`: anchor on the CPU, F over all tensors, lambda F_i (theta - theta*)
 added to every local gradient piece) and nothing, so both kinds of step share the same engine,
 data, warm caches and machine load. Step times are taken between step-end callbacks on rank 0,
 the first two blocks being warm-up, as wall-clock time and as the CPU time of the rank's
@@ -52,7 +52,8 @@ def _worker(rank: int, args, port: int, checkpoint: str, stage: int, out: str) -
     from rayalign.config import DataConfig, TrainConfig
     from rayalign.data import PreferenceExample
     from rayalign.ewc import Snapshot, importance
-    from rayalign.hbat import ewc_hook, global_change, rank_shard, reference_logps
+    from rayalign.hbat import rank_shard, reference_logps
+    from rayalign.hbat_penalty import ewc_hook, global_change
     from rayalign.train import Phase, Trainer, plan_data, to_rows, tokenize_rows
 
     cfg = TrainConfig(objective="dpo", zero_stage=stage, micro_batch_size=args.batch,

@@ -6,15 +6,8 @@ import pytest
 
 from rayalign.config import ConfigError, EWCConfig, HbatConfig, build_config
 from rayalign.ewc import AccumulatedChange
-from rayalign.hbat import (
-    HbatPhase,
-    accumulated_from_records,
-    config_schedule,
-    phase_penalty,
-    rank_shard,
-    schedule,
-    split_parts,
-)
+from rayalign.hbat import HbatPhase, config_schedule, rank_shard, schedule, split_parts
+from rayalign.hbat_penalty import accumulated_from_records, phase_penalty
 
 
 def _cfg(**kw) -> HbatConfig:

@@ -50,7 +50,8 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
     from rayalign.config import DataConfig, TrainConfig
     from rayalign.data import SFTExample, collate, encode
     from rayalign.ewc import Snapshot
-    from rayalign.hbat import ewc_hook, global_change, rank_shard
+    from rayalign.hbat import rank_shard
+    from rayalign.hbat_penalty import ewc_hook, global_change
     from rayalign.logprobs import sequence_logprobs
     from rayalign.train import Phase, Trainer, plan_data, to_rows
 

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from rayalign import toytask
 from rayalign.config import DataConfig, TrainConfig
 from rayalign.data import PreferenceExample, SFTExample
-from rayalign.hbat import freeze_hook, zero_first_moment
+from rayalign.hbat_penalty import freeze_hook, zero_first_moment
 from rayalign.train import Phase, Trainer, plan_data, process_group_backend, to_rows
 from conftest import free_port, gloo_group
 
