@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -135,6 +136,14 @@ def stop_process_group(proc, grace_s: float) -> None:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def read_manifest(run_dir: Path) -> dict:
+    """A run directory's manifest as it is now; {} while it is missing or being replaced."""
+    try:
+        return json.loads((run_dir / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ theta_0 and the first arm (their records unchanged), finish the second, and writ
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import stop_process_group
+from conftest import read_manifest, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,13 +37,6 @@ def _config(tmp_path: Path) -> Path:
     return path
 
 
-def _manifest(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 def _start(config: Path, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "jobs/compare.py", "--config", str(config)],
                             cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -58,18 +50,18 @@ def test_killed_comparison_resumes_without_redoing_a_finished_arm(ray_cluster, t
            "PYTHONPATH": str(ROOT)}
     proc = _start(config, env, tmp_path / "first.log")
     deadline = time.time() + 600
-    while "a/seed_0" not in _manifest(run_dir).get("stages", {}):
+    while "a/seed_0" not in read_manifest(run_dir).get("stages", {}):
         assert proc.poll() is None, (tmp_path / "first.log").read_text()
         assert time.time() < deadline, "the first arm never finished"
         time.sleep(0.5)
     stop_process_group(proc, grace_s=0)  # SIGTERM then at once SIGKILL: a killed driver
-    before = _manifest(run_dir)["stages"]
+    before = read_manifest(run_dir)["stages"]
     assert "b/seed_0" not in before and not (run_dir / "comparison.md").exists()
 
     second = subprocess.run([sys.executable, "jobs/compare.py", "--config", str(config)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
-    after = _manifest(run_dir)["stages"]
+    after = read_manifest(run_dir)["stages"]
     for stage in ("theta0/seed_0", "a/seed_0"):
         assert after[stage]["finished_at"] == before[stage]["finished_at"], f"{stage} redone"
     assert "[compare] a/seed_0 done earlier, skipped" in second.stdout

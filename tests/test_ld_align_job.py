@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, stop_process_group
+from conftest import free_port, read_manifest, stop_process_group
 
 from rayalign.config import LDAlignConfig, load_config
 
@@ -102,30 +102,23 @@ def _submit(env, run_dir: Path, wait: bool) -> str:
     return out
 
 
-def _manifest(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 @pytest.mark.slow
 def test_submit_kill_during_iter1_training_and_resume(head, tmp_path):
     run_dir = tmp_path / "run"
     out = _submit(head, run_dir, wait=False)
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out).group(0)
     deadline = time.time() + 600
-    while _manifest(run_dir).get("running") != "iter_001/train":
-        assert time.time() < deadline, f"iter_001/train never started: {_manifest(run_dir)}"
+    while read_manifest(run_dir).get("running") != "iter_001/train":
+        assert time.time() < deadline, f"iter_001/train never started: {read_manifest(run_dir)}"
         status = _job(head, "status", job_id, check=False)
         assert "FAILED" not in status, _job(head, "logs", job_id, check=False)
         time.sleep(1)
     _job(head, "stop", job_id)
-    before = _manifest(run_dir)["stages"]
+    before = read_manifest(run_dir)["stages"]
     assert "iter_001/train" not in before and not (run_dir / "iter_001" / "policy").exists()
 
     logs = _submit(head, run_dir, wait=True)
-    after = _manifest(run_dir)["stages"]
+    after = read_manifest(run_dir)["stages"]
     for stage, entry in before.items():
         assert after[stage]["finished_at"] == entry["finished_at"], f"{stage} was redone"
         assert f"[{stage}] done earlier, skipped" in logs
