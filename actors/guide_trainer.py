@@ -30,7 +30,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from rayalign.config import DataConfig, GuideConfig, ResourcesConfig
+from rayalign.config import DataConfig, ResourcesConfig
+from rayalign.config_ldalign import GuideConfig
 from rayalign.guide import GuideModel
 from rayalign.guide_train import (PROGRESS_FILE, guide_data, informativeness, split_by_prompt,
                                   train_guide_model, within_prompt_informativeness)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from rayalign.config import HbatConfig
+from rayalign.config_hbat import HbatConfig
 from rayalign.hbat import resolve_inputs, run_schedule
 
 

@@ -53,7 +53,8 @@ from pathlib import Path
 
 from rayalign import toytask
 from actors.runtime import init_ray
-from rayalign.config import JOB_FIELDS, DataConfig, TrainConfig, TrainJobConfig
+from rayalign.config import DataConfig
+from rayalign.config_train import JOB_FIELDS, TrainConfig, TrainJobConfig
 from rayalign.data import load_dataset
 from rayalign.io import read_json, remove_stray_temps, write_json
 from rayalign.models import load_tokenizer

@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rayalign import toytask  # noqa: E402
-from rayalign.config import DataConfig, TrainConfig  # noqa: E402
+from rayalign.config import DataConfig  # noqa: E402
+from rayalign.config_train import TrainConfig  # noqa: E402
 from rayalign.data import PreferenceExample, encode, load_examples  # noqa: E402
 from rayalign.models import load_tokenizer  # noqa: E402
 from rayalign.tiny import build_tiny_checkpoint  # noqa: E402

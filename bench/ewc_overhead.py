@@ -49,7 +49,8 @@ def _worker(rank: int, args, port: int, checkpoint: str, stage: int, out: str) -
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(args.workers))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
     dist.init_process_group("gloo", rank=rank, world_size=args.workers)
-    from rayalign.config import DataConfig, TrainConfig
+    from rayalign.config import DataConfig
+    from rayalign.config_train import TrainConfig
     from rayalign.data import PreferenceExample
     from rayalign.ewc import Snapshot, importance
     from rayalign.hbat import rank_shard, reference_logps

@@ -42,9 +42,9 @@ import numpy as np  # noqa: E402
 
 from bench.scoring import bench_guide, make_requests  # noqa: E402
 from rayalign import toytask  # noqa: E402
-from rayalign.config import (  # noqa: E402
-    HTTPServiceConfig, ResourcesConfig, SamplerServiceConfig, SamplingConfig, ScoringConfig,
-    load_config,
+from rayalign.config import ResourcesConfig, SamplingConfig, load_config  # noqa: E402
+from rayalign.config_services import (  # noqa: E402
+    HTTPServiceConfig, SamplerServiceConfig, ScoringConfig,
 )
 from rayalign.tiny import build_tiny_checkpoint  # noqa: E402
 

@@ -27,7 +27,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rayalign.config import LDAlignConfig, load_config  # noqa: E402
+from rayalign.config import load_config  # noqa: E402
+from rayalign.config_ldalign import LDAlignConfig  # noqa: E402
 
 
 def _tree_rss(pid: int) -> list[tuple[str, int]]:

@@ -31,7 +31,9 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rayalign import toytask  # noqa: E402
-from rayalign.config import GuideConfig, HTTPServiceConfig, ResourcesConfig, ScoringConfig  # noqa: E402
+from rayalign.config import ResourcesConfig  # noqa: E402
+from rayalign.config_ldalign import GuideConfig  # noqa: E402
+from rayalign.config_services import HTTPServiceConfig, ScoringConfig  # noqa: E402
 from rayalign.guide import GuideModel  # noqa: E402
 from rayalign.io import atomic_file  # noqa: E402
 from rayalign.tiny import build_tiny_checkpoint  # noqa: E402

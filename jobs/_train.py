@@ -4,7 +4,7 @@
     python jobs/<job>.py --config my.yaml --set train.num_workers=8 --set train.use_gpu=true
     ray job submit --working-dir . -- python jobs/<job>.py --config my.yaml
 
-Config: `rayalign.config.TrainJobConfig` (configs/<job>.yaml is each job's tiny default). On a
+Config: `rayalign.config_train.TrainJobConfig` (configs/<job>.yaml is each job's tiny default). On a
 laptop this starts a local Ray; under `ray job submit` (RAY_ADDRESS is set) it attaches to the
 cluster. Re-running the same command after a kill resumes from the last checkpoint
 (actors/trainer.py).
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rayalign.cli import parse_job_config
-from rayalign.config import TrainJobConfig
+from rayalign.config_train import TrainJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
     python jobs/hbat.py --config configs/hbat.yaml --set variant=sequential --set run_dir=runs/seq
     ray job submit --working-dir . -- python jobs/hbat.py --config ...
 
-Variants: hbat, hbat_freeze, no_ewc, no_alternating, sequential (rayalign.config.HBAT_VARIANTS).
+Variants: hbat, hbat_freeze, no_ewc, no_alternating, sequential (rayalign.config_hbat.HBAT_VARIANTS).
 On a laptop this starts a local Ray; under `ray job submit` (RAY_ADDRESS is set) it attaches to
 the cluster. Re-running with the same run_dir resumes after the last finished phase.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayalign.cli import exit_on_input_error, parse_job_config  # noqa: E402
-from rayalign.config import HbatConfig  # noqa: E402
+from rayalign.config_hbat import HbatConfig  # noqa: E402
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "hbat.yaml")
 

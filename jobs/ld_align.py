@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayalign.cli import exit_on_input_error, parse_job_config  # noqa: E402
-from rayalign.config import LDAlignConfig  # noqa: E402
+from rayalign.config_ldalign import LDAlignConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

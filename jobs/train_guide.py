@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayalign.cli import parse_job_config  # noqa: E402
-from rayalign.config import GuideJobConfig  # noqa: E402
+from rayalign.config_ldalign import GuideJobConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

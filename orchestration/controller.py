@@ -32,7 +32,9 @@ from actors.trainer import TRAIN_METRICS_FILE, run_training
 from pipelines.evaluate import evaluate_stage
 from pipelines.pairs import pairs_stage, sample_stage
 from rayalign import toytask
-from rayalign.config import DataConfig, LDAlignConfig, TrainConfig
+from rayalign.config import DataConfig
+from rayalign.config_ldalign import LDAlignConfig
+from rayalign.config_train import TrainConfig
 from rayalign.guide_train import informativeness_verdict
 from rayalign.io import read_json, remove_stray_temps
 from rayalign.report import write_report

@@ -14,7 +14,7 @@ manifest live there.
 from __future__ import annotations
 
 from actors.hbat import hbat_worker
-from rayalign.config import HbatConfig
+from rayalign.config_hbat import HbatConfig
 from rayalign.hbat import (
     POLICY_STAGE,
     check_inputs,

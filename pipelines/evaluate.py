@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from actors.evaluators import HeldOutScorer
 from pipelines.datasets import actor_pool, configure, write_single_parquet
 from pipelines.pairs import SAMPLES_SCHEMA, sample_stage
-from rayalign.config import DataConfig, EvalConfig, PairsConfig, SamplingConfig
+from rayalign.config import DataConfig, SamplingConfig
+from rayalign.config_ldalign import EvalConfig, PairsConfig
 from rayalign.evaluate import summarize
 
 SCORED_SCHEMA = pa.schema([

@@ -44,7 +44,8 @@ import pyarrow as pa
 from actors.sampler import PolicySampler
 from pipelines.datasets import actor_pool, configure, write_single_parquet
 from pipelines.refs import add_ref_logps
-from rayalign.config import DataConfig, PairsConfig, SamplingConfig
+from rayalign.config import DataConfig, SamplingConfig
+from rayalign.config_ldalign import PairsConfig
 from rayalign.data import load_dataset
 from rayalign.models import load_tokenizer
 from rayalign.sampling import VLLM_ACTOR_ENV

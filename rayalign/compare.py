@@ -21,15 +21,15 @@ from pydantic import Field, model_validator
 from .config import (
     ConfigError,
     DataConfig,
-    HbatConfig,
-    LDAlignConfig,
     Section,
-    TrainJobConfig,
     _default_sections,
     _merge,
     _set_dotted,
     build_config,
 )
+from .config_hbat import HbatConfig
+from .config_ldalign import LDAlignConfig
+from .config_train import TrainJobConfig
 
 JOB_CONFIGS = {"ld_align": LDAlignConfig, "hbat": HbatConfig, "train": TrainJobConfig}
 # the key of the run directory in each job's config

@@ -57,7 +57,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import GuideConfig, ModelConfig
+from .config import ModelConfig
+from .config_ldalign import GuideConfig
 from .data import SequenceBatch, collate, encode
 from .io import atomic_dir, read_json, write_json
 from .logprobs import logprobs_at

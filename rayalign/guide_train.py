@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DataConfig, GuideConfig
+from .config import DataConfig
+from .config_ldalign import GuideConfig
 from .data import DataError, collate, load_dataset, read_rows
 from .guide import GuideModel
 from .io import atomic_file

@@ -16,7 +16,7 @@ theta^HPA the policy after preference phase n-1 (at the start of SFT phase n): t
 phase is always the snapshot taken when it starts, which is also theta_before of its own C
 (Eq. 7). F^k = F_max softmax(g(AC^k)) with AC^k the sum of C over all finished phases of type k
 (Eq. 10): for preference phase n that includes SFT phase n, for SFT phase n the preference
-phases 1..n-1. The baselines (`rayalign.config.HBAT_VARIANTS`) change only the penalty mode
+phases 1..n-1. The baselines (`rayalign.config_hbat.HBAT_VARIANTS`) change only the penalty mode
 (ewc / freeze / none) and N (no_alternating and sequential use N = 1).
 
 **Hbat-Freeze**: where Hbat would add the penalty, the ``freeze_fraction`` tensors with the
@@ -62,7 +62,8 @@ from typing import Literal, TypeVar
 import torch
 import torch.distributed as dist
 
-from .config import HBAT_VARIANTS, HbatConfig, TrainConfig
+from .config_hbat import HBAT_VARIANTS, HbatConfig
+from .config_train import TrainConfig
 from .ewc import PhaseKind, Snapshot
 from .hbat_penalty import (
     accumulated_from_records,

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import dsparams
-from .config import EWCConfig
+from .config_hbat import EWCConfig
 from .ewc import (
     AccumulatedChange,
     Snapshot,

@@ -1,4 +1,4 @@
-"""LoRA adapters through peft (`rayalign.config.LoraConfig`): wrap, disable for the
+"""LoRA adapters through peft (`rayalign.config_train.LoraConfig`): wrap, disable for the
 reference model, export merged or as an adapter.
 
 The policy is ``W + (alpha / r) B A`` on the target modules with B initialised to 0 (peft's
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LoraConfig
+from .config_train import LoraConfig
 from .models import load_model, save_checkpoint
 from .io import atomic_dir
 

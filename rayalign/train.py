@@ -74,7 +74,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import dsparams, losses
-from .config import ENGINE_FIELDS, DataConfig, ModelConfig, TrainConfig
+from .config import DataConfig, ModelConfig
+from .config_train import ENGINE_FIELDS, TrainConfig
 from .data import (
     Example,
     PreferenceExample,

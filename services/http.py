@@ -49,7 +49,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, StrictStr
 
-from rayalign.config import HTTPServiceConfig
+from rayalign.config_services import HTTPServiceConfig
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,8 @@ from ray.serve.handle import DeploymentHandle
 from actors.runtime import init_ray
 from services.sampler_replica import sampler_deployment
 from rayalign.cli import parse_job_config
-from rayalign.config import SamplerServiceConfig, SamplingConfig, load_config
+from rayalign.config import SamplingConfig, load_config
+from rayalign.config_services import SamplerServiceConfig
 from rayalign.models import load_tokenizer
 from rayalign.sampling import Completion, derive_seed, prompt_token_ids
 from services.http import (

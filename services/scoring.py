@@ -43,7 +43,8 @@ from ray import serve
 
 from actors.runtime import init_ray
 from rayalign.cli import parse_job_config
-from rayalign.config import ScoringConfig, load_config
+from rayalign.config import load_config
+from rayalign.config_services import ScoringConfig
 from rayalign.guide import SPEC_FILE, GuideModel, pair_distances, resolve_device, unique_pairs
 from services.http import (
     DetailError, Guard, Text, constrain, deployment_options, detail_body, error_responses, install,

@@ -35,7 +35,8 @@ from pathlib import Path
 import pytest
 from conftest import free_port, read_manifest, stop_process_group
 
-from rayalign.config import LDAlignConfig, load_config
+from rayalign.config import load_config
+from rayalign.config_ldalign import LDAlignConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -1,6 +1,7 @@
 import pytest
 
-from rayalign.config import ConfigError, DataConfig, Section, TrainConfig, load_config
+from rayalign.config import ConfigError, DataConfig, Section, load_config
+from rayalign.config_train import TrainConfig
 
 
 class JobConfig(Section):

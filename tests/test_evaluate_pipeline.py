@@ -10,7 +10,8 @@ import pytest
 
 from pipelines.evaluate import SCORED_SCHEMA, evaluate_stage
 from rayalign import toytask
-from rayalign.config import DataConfig, EvalConfig, GuideConfig, PairsConfig, SamplingConfig
+from rayalign.config import DataConfig, SamplingConfig
+from rayalign.config_ldalign import EvalConfig, GuideConfig, PairsConfig
 from rayalign.evaluate import gold_nll, summarize
 from rayalign.guide import GuideModel
 from rayalign.models import load_model, load_tokenizer

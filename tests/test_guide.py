@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from rayalign import toytask
-from rayalign.config import DataConfig, GuideConfig, LoraConfig, ResourcesConfig
+from rayalign.config import DataConfig, ResourcesConfig
+from rayalign.config_ldalign import GuideConfig
+from rayalign.config_train import LoraConfig
 from rayalign.data import DataError
 from rayalign.guide import HEADS, GuideModel
 from rayalign.guide_train import (

@@ -13,8 +13,8 @@ import pytest
 
 from orchestration.controller import GuideNotInformative, LDAlignController
 from rayalign import toytask
-from rayalign.config import (DataConfig, GuideConfig, LDAlignConfig, ModelConfig, PairsConfig,
-                             SamplingConfig)
+from rayalign.config import DataConfig, ModelConfig, SamplingConfig
+from rayalign.config_ldalign import GuideConfig, LDAlignConfig, PairsConfig
 from rayalign.guide_train import informativeness_verdict
 
 

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from rayalign.config import ConfigError, EWCConfig, HbatConfig, build_config
+from rayalign.config import ConfigError, build_config
+from rayalign.config_hbat import EWCConfig, HbatConfig
 from rayalign.ewc import AccumulatedChange
 from rayalign.hbat import HbatPhase, config_schedule, rank_shard, schedule, split_parts
 from rayalign.hbat_penalty import accumulated_from_records, phase_penalty

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayalign.config import HbatConfig, load_config
+from rayalign.config import load_config
+from rayalign.config_hbat import HbatConfig
 from rayalign.data import collate_pairs
 from rayalign.io import read_json
 from rayalign.logprobs import sequence_logprobs

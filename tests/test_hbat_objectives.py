@@ -28,7 +28,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1")
     dist.init_process_group("gloo", rank=0, world_size=1)
-    from rayalign.config import HbatConfig, build_config
+    from rayalign.config import build_config
+    from rayalign.config_hbat import HbatConfig
     from rayalign.hbat import fingerprint, run_schedule
     from rayalign.rundir import RunDir
     from rayalign.train import Trainer

@@ -33,7 +33,8 @@ class Stop(Exception):
 
 
 def _config(root: str, variant: str, stage: int, run: str):
-    from rayalign.config import HbatConfig, build_config
+    from rayalign.config import build_config
+    from rayalign.config_hbat import HbatConfig
 
     train = {"lr": 1e-2, "max_steps": 2, "micro_batch_size": 2, "warmup_ratio": 0.0,
              "zero_stage": stage, "num_workers": WORLD}

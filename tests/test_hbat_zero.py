@@ -47,7 +47,8 @@ def _full(trainer, which: str) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
-    from rayalign.config import DataConfig, TrainConfig
+    from rayalign.config import DataConfig
+    from rayalign.config_train import TrainConfig
     from rayalign.data import SFTExample, collate, encode
     from rayalign.ewc import Snapshot
     from rayalign.hbat import rank_shard

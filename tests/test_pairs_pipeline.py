@@ -17,7 +17,8 @@ import torch
 from pipelines.pairs import PAIRS_SCHEMA, build_pairs, pairs_stage, sample_stage
 from pipelines.refs import ref_logps_stage
 from rayalign import toytask
-from rayalign.config import DataConfig, GuideConfig, PairsConfig, ResourcesConfig, SamplingConfig
+from rayalign.config import DataConfig, ResourcesConfig, SamplingConfig
+from rayalign.config_ldalign import GuideConfig, PairsConfig
 from rayalign.data import DataError, collate, encode, load_examples, read_rows
 from rayalign.guide import GuideModel
 from rayalign.logprobs import sequence_logprobs

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rayalign.config import ConfigError, LDAlignConfig, ModelConfig
+from rayalign.config import ConfigError, ModelConfig
+from rayalign.config_ldalign import LDAlignConfig
 from rayalign.preflight import check_inputs
 from rayalign.rundir import RunDir
 

@@ -11,7 +11,8 @@ import openai
 import pytest
 from ray import serve
 
-from rayalign.config import SamplerServiceConfig, SamplingConfig, load_config
+from rayalign.config import SamplingConfig, load_config
+from rayalign.config_services import SamplerServiceConfig
 from rayalign.models import load_tokenizer
 from rayalign.sampling import HFEngine, derive_seed
 from services.sampler import build_app

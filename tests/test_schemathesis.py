@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 from ray import serve
 
-from rayalign.config import (
-    GuideConfig, HTTPServiceConfig, ResourcesConfig, SamplerServiceConfig, SamplingConfig,
-    ScoringConfig,
-)
+from rayalign.config import ResourcesConfig, SamplingConfig
+from rayalign.config_ldalign import GuideConfig
+from rayalign.config_services import HTTPServiceConfig, SamplerServiceConfig, ScoringConfig
 from rayalign.guide import GuideModel
 from services import sampler, scoring
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from actors.scorer import GuideScorer
-from rayalign.config import GuideConfig, HTTPServiceConfig, ResourcesConfig, ScoringConfig
+from rayalign.config import ResourcesConfig
+from rayalign.config_ldalign import GuideConfig
+from rayalign.config_services import HTTPServiceConfig, ScoringConfig
 from rayalign.guide import GuideModel
 from services.http import resolve_token
 from services.scoring import build_app

@@ -16,10 +16,9 @@ import psutil
 import pytest
 from ray import serve
 
-from rayalign.config import (
-    ConfigError, GuideConfig, HTTPServiceConfig, ResourcesConfig, SamplerServiceConfig,
-    SamplingConfig, ScoringConfig, load_config,
-)
+from rayalign.config import ConfigError, ResourcesConfig, SamplingConfig, load_config
+from rayalign.config_ldalign import GuideConfig
+from rayalign.config_services import HTTPServiceConfig, SamplerServiceConfig, ScoringConfig
 from rayalign.guide import GuideModel
 from services import sampler, scoring
 from services.http import Guard, detail_body

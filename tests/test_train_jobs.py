@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from actors.trainer import toy_data
-from rayalign.config import TrainJobConfig, load_config
+from rayalign.config import load_config
+from rayalign.config_train import TrainJobConfig
 from rayalign.data import PreferenceExample, UnpairedExample, load_dataset
 from rayalign.train import OBJECTIVE_DATA_KIND
 

@@ -21,7 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rayalign import toytask
-from rayalign.config import DataConfig, LoraConfig, TrainConfig
+from rayalign.config import DataConfig
+from rayalign.config_train import LoraConfig, TrainConfig
 from rayalign.data import PreferenceExample, collate_pairs
 from rayalign.logprobs import sequence_logprobs
 from rayalign.models import load_model

@@ -22,7 +22,8 @@ import torch
 import torch.multiprocessing as mp
 
 from rayalign import toytask
-from rayalign.config import DataConfig, TrainConfig
+from rayalign.config import DataConfig
+from rayalign.config_train import TrainConfig
 from rayalign.data import PreferenceExample, SFTExample
 from rayalign.hbat_penalty import freeze_hook, zero_first_moment
 from rayalign.train import Phase, Trainer, plan_data, process_group_backend, to_rows

@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rayalign import toytask
-from rayalign.config import DataConfig, TrainConfig
+from rayalign.config import DataConfig
+from rayalign.config_train import TrainConfig
 from rayalign.data import collate_pairs
 from rayalign.logprobs import sequence_logprobs
 from rayalign.models import load_model, load_tokenizer

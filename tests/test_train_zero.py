@@ -31,7 +31,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rayalign import losses, toytask
-from rayalign.config import DataConfig, TrainConfig
+from rayalign.config import DataConfig
+from rayalign.config_train import TrainConfig
 from rayalign.data import collate_pairs
 from rayalign.logprobs import sequence_logprobs
 from rayalign.models import load_model, load_tokenizer

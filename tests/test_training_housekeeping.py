@@ -7,7 +7,9 @@ import pytest
 
 from orchestration.controller import LDAlignController
 from rayalign import toytask
-from rayalign.config import DataConfig, LDAlignConfig, TrainConfig
+from rayalign.config import DataConfig
+from rayalign.config_ldalign import LDAlignConfig
+from rayalign.config_train import TrainConfig
 
 pytestmark = pytest.mark.slow  # one Ray Train job, ~1 min
 

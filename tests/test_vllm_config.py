@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from rayalign.config import (ConfigError, LDAlignConfig, SamplerServiceConfig, SamplingConfig,
-                             build_config)
+from rayalign.config import ConfigError, SamplingConfig, build_config
+from rayalign.config_ldalign import LDAlignConfig
+from rayalign.config_services import SamplerServiceConfig
 from rayalign.sampling import VLLM_ACTOR_ENV, vllm_max_model_len
 
 
