@@ -38,7 +38,7 @@ from rayalign.guide_train import (PROGRESS_FILE, guide_data, informativeness, sp
 from rayalign.io import atomic_dir, write_json
 from rayalign.models import load_tokenizer
 from rayalign.tracking import StepLogger
-from rayalign.train import process_group_backend
+from rayalign.train_engine import process_group_backend
 
 METRICS_FILE = "metrics.json"
 

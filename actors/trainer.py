@@ -7,9 +7,9 @@ each; DESIGN.md "Engines") in a single Ray Train job, so the model is loaded onc
 Lifecycle (Ray's shard -> step -> report(checkpoint) pattern):
 
 - driver: load and validate every dataset (`rayalign.data.load_dataset`: a bad row fails here,
-  before any cluster time), plan it (`rayalign.train.plan_data`), tokenize it once
-  (`rayalign.train.tokenize_rows`), hand it to Ray Data (`from_items`; Ray Train splits each
-  dataset into equal per-worker shards). The driver holds the whole dataset in memory
+  before any cluster time), plan it (`rayalign.train_batches.plan_data`), tokenize it
+  once (`rayalign.train_batches.tokenize_rows`), hand it to Ray Data (`from_items`; Ray
+  Train splits each dataset into equal per-worker shards). The driver holds the whole dataset in memory
   (fine for preference sets of up to ~1e6 pairs; beyond, tokenize in a Ray Data map stage);
 - workers: `rayalign.train.Trainer` on the process group Ray Train set up (gloo on CPU, NCCL
   on GPU), each phase on its shard (`get_dataset_shard(phase name)`), every
@@ -60,17 +60,10 @@ from rayalign.io import read_json, remove_stray_temps, write_json
 from rayalign.models import load_tokenizer
 from rayalign.tiny import build_tiny_checkpoint
 from rayalign.tracking import ProgressTail, StepLogger, progress_line, shown
-from rayalign.train import (
-    OBJECTIVE_DATA_KIND,
-    DataPlan,
-    Phase,
-    PhaseState,
-    Trainer,
-    plan_data,
-    process_group_backend,
-    to_rows,
-    tokenize_rows,
-)
+from rayalign.train import Trainer
+from rayalign.train_batches import OBJECTIVE_DATA_KIND, DataPlan, plan_data, to_rows, tokenize_rows
+from rayalign.train_engine import process_group_backend
+from rayalign.train_phase import Phase, PhaseState
 
 _PROGRESS = "progress.json"
 TRAIN_METRICS_FILE = "train_metrics.json"
@@ -212,7 +205,7 @@ def _dataset_rows(rows: list[dict], unpaired: bool) -> list[dict]:
     """Rows for Ray Data. Unpaired rows travel as (i-th label-true row, i-th label-false row)
     records, so that every shard of Ray Train's split holds as many of each label (a split of
     plain rows may put all true rows on one worker); `_ShardRows` unpacks them again. The
-    surplus of the larger side is dropped (`rayalign.train.plan_data` counts the same)."""
+    surplus of the larger side is dropped (`rayalign.train_batches.plan_data` counts the same)."""
     if not unpaired:
         return rows
     chosen = [r for r in rows if r["label"]]

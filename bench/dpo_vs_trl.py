@@ -165,7 +165,9 @@ def _result(stamps: list[tuple[float, float]], warmup: int, batch: int) -> dict:
 def bench_rayalign(checkpoint: str, rows: list[dict], args, data: DataConfig) -> dict:
     import torch.distributed as dist
 
-    from rayalign.train import Phase, Trainer, plan_data, to_rows, tokenize_rows
+    from rayalign.train import Trainer
+    from rayalign.train_batches import plan_data, to_rows, tokenize_rows
+    from rayalign.train_phase import Phase
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -55,7 +55,9 @@ def _worker(rank: int, args, port: int, checkpoint: str, stage: int, out: str) -
     from rayalign.ewc import Snapshot, importance
     from rayalign.hbat import rank_shard, reference_logps
     from rayalign.hbat_penalty import ewc_hook, global_change
-    from rayalign.train import Phase, Trainer, plan_data, to_rows, tokenize_rows
+    from rayalign.train import Trainer
+    from rayalign.train_batches import plan_data, to_rows, tokenize_rows
+    from rayalign.train_phase import Phase
 
     cfg = TrainConfig(objective="dpo", zero_stage=stage, micro_batch_size=args.batch,
                       max_steps=args.steps, lr=1e-4, warmup_ratio=0.0, num_workers=args.workers)

@@ -25,7 +25,7 @@ from rayalign.hbat import (
 )
 from rayalign.io import remove_stray_temps
 from rayalign.rundir import RunDir
-from rayalign.train import process_group_backend
+from rayalign.train_engine import process_group_backend
 
 
 def run_hbat(cfg: HbatConfig) -> list[dict]:

@@ -1,5 +1,6 @@
 """Configuration of a training phase (`TrainConfig`, with LoRA) and of the one-phase training
-jobs (`TrainJobConfig`: jobs/sft.py, jobs/dpo.py, jobs/aot.py); loaded by `rayalign.config.load_config`."""
+jobs (`TrainJobConfig`: jobs/sft.py, jobs/dpo.py, jobs/aot.py); loaded by
+`rayalign.config.load_config`."""
 
 from __future__ import annotations
 

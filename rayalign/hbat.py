@@ -219,7 +219,7 @@ def score(trainer, rows: Sequence[Mapping], sides: Sequence[str], batch_size: in
           ) -> dict[str, tuple[list[float], list[int]]]:
     """Summed response log-probs and response token counts of ``rows`` under the current policy.
 
-    ``rows`` are `rayalign.train.tokenize_rows` output; ``sides`` the response fields to score
+    ``rows`` are `rayalign.train_batches.tokenize_rows` output; ``sides`` the response fields to score
     (``"chosen"``, ``"rejected"``, ``"response"``, ``"completion"``). One no-grad pass in eval
     mode, every rank on its own rows: collective under ZeRO-3, so all ranks must pass the same
     number of rows.
@@ -246,7 +246,7 @@ def score(trainer, rows: Sequence[Mapping], sides: Sequence[str], batch_size: in
 
 
 def reference_logps(trainer, rows: Sequence[Mapping], batch_size: int) -> list[dict]:
-    """``rows`` (`rayalign.train.tokenize_rows` output) with reference log-prob columns from the
+    """``rows`` (`rayalign.train_batches.tokenize_rows` output) with reference log-prob columns from the
     trainer's *current* policy (`score`): ``ref_chosen_logps`` / ``ref_rejected_logps`` for
     pairs, ``ref_logps`` for unpaired rows."""
     sides = ("chosen", "rejected") if "chosen" in rows[0] else ("completion",)
@@ -292,7 +292,7 @@ def _has_reference(examples: Sequence) -> bool:
 def interleave_labels(examples: Sequence) -> list:
     """Unpaired rows reordered true, false, true, false, ... (the surplus of the larger side
     dropped), so that every contiguous part and rank shard holds both labels equally, as
-    aot_unpaired's micro-batches need (`rayalign.train.micro_batches`)."""
+    aot_unpaired's micro-batches need (`rayalign.train_batches.micro_batches`)."""
     chosen = [e for e in examples if e.label]
     rejected = [e for e in examples if not e.label]
     return [e for pair in zip(chosen, rejected) for e in pair]
@@ -354,7 +354,8 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
     phase is the policy at its start (theta^IFA, the phase's anchor), its log-probs computed
     once when the phase starts, unless the preference file already has reference columns.
     """
-    from .train import Phase, plan_data, to_rows, tokenize_rows
+    from .train_batches import plan_data, to_rows, tokenize_rows
+    from .train_phase import Phase
 
     rank, world = dist.get_rank(), dist.get_world_size()
     run = RunDir(cfg.run_dir, fingerprint(cfg))
@@ -433,7 +434,7 @@ def check_inputs(cfg: HbatConfig) -> None:
     """Load, split and plan every phase's data as the workers will: bad rows or parts too
     small for a micro-batch on every worker fail here, before any worker starts."""
     from .models import load_tokenizer
-    from .train import plan_data
+    from .train_batches import plan_data
 
     resolved = resolve_inputs(cfg)
     data = HbatData.load(resolved, load_tokenizer(resolved.policy.path))

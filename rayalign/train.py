@@ -4,7 +4,7 @@ Ray-free. The caller (Ray Train, torchrun, or a test with a one-rank process gro
 initialized ``torch.distributed``; every rank builds the same :class:`Trainer` and runs the
 same phases on its own shard of rows.
 
-A **phase** (:class:`Phase`) is one objective over one dataset with one `TrainConfig`
+A **phase** (`rayalign.train_phase.Phase`) is one objective over one dataset with one `TrainConfig`
 (DESIGN.md, Hbat: phases alternate between SFT and a preference objective). Several phases
 run on the same engine without reloading the model; the engine-level settings (ZeRO stage,
 micro-batch size, gradient accumulation, clipping) are fixed when the engine is built, the
@@ -16,28 +16,19 @@ One optimizer step (the loop in `Trainer.run_phase`):
    rows then rejected rows (the `rayalign.data.collate_pairs` layout), or with
    ``train.pack_pairs`` over one row per pair whose shared prompt is computed once
    (`rayalign.pairpack`, same log-probs; models it cannot serve keep the two rows); token ids
-   from `tokenize_rows` or tokenized on the fly; `rayalign.logprobs`; reference
-   log-probs from the precomputed columns or a frozen reference model, the loss from
-   `rayalign.losses`, ``engine.backward``. DeepSpeed divides each micro-batch loss by the
-   accumulation steps and *averages* gradients over data-parallel ranks, which is what
+   from `rayalign.train_batches.tokenize_rows` or tokenized on the fly; `rayalign.logprobs`;
+   reference log-probs from the precomputed columns or a frozen reference model, the loss
+   from `rayalign.losses`, ``engine.backward``. DeepSpeed divides each micro-batch loss by
+   the accumulation steps and *averages* gradients over data-parallel ranks, which is what
    `rayalign.losses.aot_terms` requires.
 2. The optional gradient hook (:data:`GradHook`, e.g. Hbat's EWC term) on the reduced,
-   unclipped gradients; then the learning rate of :func:`lr_at`; then ``engine.step()``
-   (clipping + AdamW).
+   unclipped gradients; then the learning rate of `rayalign.train_phase.lr_at`; then
+   ``engine.step()`` (clipping + AdamW).
 
-Micro-batches. Each epoch the rank's rows are put in the length-grouped order of
-`rayalign.grouping.grouped_batches` (seeded by ``seed`` and the epoch; ``length_window`` 0
-keeps the shard's order), and each micro-batch is padded to its own longest sequence; the step
-metrics report the padding share. Paired objectives and SFT take ``micro_batch_size``
-consecutive rows of that order. ``aot_unpaired`` and ``kto`` read (prompt, completion, label) rows in
-that order and fills two buffers; a micro-batch is the first ``micro_batch_size`` rows
-labelled true (chosen) and the first ``micro_batch_size`` labelled false (rejected), so
-chosen and rejected sets have equal sizes on every rank (AOT's gather needs equal per-rank
-sizes); rows left in a buffer at the end of an epoch are dropped for that epoch. A shard
-therefore needs both labels in about equal numbers (the Ray driver, actors/trainer.py, ships
-them so). ``kto`` also forwards, without gradient, each micro-batch's mismatched pairs
-(`kl_pairs`: prompt i with completion i - 1, TRL's shift) through the policy and the
-reference for KTO's reference point z0, averaged over the ranks (`rayalign.kto`).
+Micro-batches: `rayalign.train_batches` (rows -> length-grouped micro-batches -> tensors);
+the loss of each objective: `rayalign.train_objective`; the step schedule and a phase's
+position: `rayalign.train_phase`; the DeepSpeed config and the policy it wraps:
+`rayalign.train_engine`; the step metrics: `rayalign.train_metrics`.
 
 Non-finite loss: all ranks agree (one all-reduce) and skip the micro-batch (no backward, so
 no rank's gradients see it); more than ``max_nan_steps`` consecutive skips raise
@@ -63,441 +54,37 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import dsparams, losses
-from .config import DataConfig, ModelConfig
+from . import dsparams
+from .config import ModelConfig
 from .config_train import ENGINE_FIELDS, TrainConfig
-from .data import (
-    Example,
-    PreferenceExample,
-    SFTExample,
-    SequenceBatch,
-    UnpairedExample,
-    collate,
-    encode,
-)
+from .data import SequenceBatch
 from .dsops import ensure_ops
-from .grouping import grouped_batches
-from .kto import kto_mean_reference_point, kto_terms
+from .kto import kto_mean_reference_point
 from .logprobs import sequence_logprobs
-from .pairpack import PairPack, pack_pairs, pair_logprobs, supports_pair_packing
-from .lora import adapters_disabled, apply_lora, export_lora
+from .lora import adapters_disabled, export_lora
 from .models import load_model, load_tokenizer, resolve_dtype, save_checkpoint
+from .pairpack import PairPack, supports_pair_packing
+from .train_batches import OBJECTIVE_DATA_KIND, batch_logprobs, build_micro_batch, micro_batches
+from .train_engine import clips_in_torch, deepspeed_config, engine_zero_stage, load_policy
+from .train_metrics import add, add_micro_batch, step_metrics
+from .train_objective import objective_loss
+from .train_phase import Phase, PhaseResult, PhaseState, lr_at
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE_DATA_KIND = {
-    "sft": "sft",
-    "dpo": "preference",
-    "weighted_dpo": "preference",
-    "ipo": "preference",
-    "aot": "preference",
-    "aot_unpaired": "unpaired",
-    "kto": "unpaired",
-}
-_EXAMPLE_TYPE = {"sft": SFTExample, "preference": PreferenceExample, "unpaired": UnpairedExample}
 _DS_TAG = "deepspeed"
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive micro-batches had a NaN or infinite loss."""
-
-
-# --------------------------------------------------------------------------------------
-# Schedule and DeepSpeed config (pure)
-# --------------------------------------------------------------------------------------
-
-
-def total_steps(train: TrainConfig, batches_per_epoch: int) -> int:
-    """Optimizer steps of a phase: ``max_steps``, else ``epochs`` full accumulation cycles.
-
-    A trailing partial accumulation of an epoch carries into the next epoch; the last one of
-    the phase is dropped, so a phase always ends on a step boundary.
-    """
-    if train.max_steps is not None:
-        return train.max_steps
-    steps = train.epochs * batches_per_epoch // train.gradient_accumulation_steps
-    if steps < 1:
-        raise ValueError(
-            f"{batches_per_epoch} micro-batches per epoch x {train.epochs} epochs is less than "
-            f"one optimizer step of {train.gradient_accumulation_steps} micro-batches"
-        )
-    return steps
-
-
-def lr_at(step: int, total: int, train: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to 0.
-
-    ``warmup = floor(warmup_ratio * total)`` steps ramp ``lr * (step+1)/warmup`` (the first
-    step already moves, unlike a ramp from 0); the rest follow
-    ``lr * 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))``.
-    """
-    warmup = int(train.warmup_ratio * total)
-    if step < warmup:
-        return train.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def process_group_backend(use_gpu: bool) -> str:
-    """The ``torch.distributed`` backend of the training process group.
-
-    NCCL serves CUDA tensors only; the GPU group also gets a gloo backend for CPU tensors
-    (torch dispatches each collective by the tensor's device), so a host-side collective in
-    DeepSpeed or in this loop cannot crash a multi-GPU run. The loop's own reductions use
-    tensors on the training device either way (`Trainer._all`), so a plain NCCL group set up
-    by torchrun works too.
-    """
-    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
-
-
-def clips_in_torch(train: TrainConfig, dtype: torch.dtype) -> bool:
-    """Whether the loop clips gradients itself (ZeRO-0 in float32) instead of DeepSpeed.
-
-    There the gradients are plain ``param.grad`` tensors and torch's multi-tensor
-    ``clip_grad_norm_`` is one fused pass, where DeepSpeed's clipping is a Python loop over
-    the tensors (~10% of a tiny model's step). Partitioned (ZeRO 1-3) or bf16 master
-    gradients live in DeepSpeed's buffers, so DeepSpeed clips those.
-    """
-    return train.zero_stage == 0 and dtype == torch.float32
-
-
-def engine_zero_stage(train: TrainConfig, dtype: torch.dtype) -> int:
-    """The ZeRO stage DeepSpeed runs: ``train.zero_stage``, but at least 1 in bfloat16.
-
-    DeepSpeed's bf16 at ZeRO-0 is ``FP16_UnfusedOptimizer``: no fp32 master weights reachable
-    by ``safe_get_full_fp32_param`` (Hbat's anchor, C and penalty would see bf16-rounded
-    weights), optimizer state keyed by an fp32 copy (Hbat-Freeze's momentum reset finds
-    nothing) and gradients accumulated in bf16. ZeRO-1 with fp32 gradient accumulation is
-    DeepSpeed's ``BF16_Optimizer``: fp32 master weights, state and gradient buffers, linked
-    to each bf16 parameter through ``_hp_mapping``. With one rank it partitions nothing.
-    """
-    if dtype == torch.bfloat16 and train.zero_stage == 0:
-        return 1
-    return train.zero_stage
-
-
-def deepspeed_config(train: TrainConfig, world_size: int, dtype: torch.dtype) -> dict:
-    """The DeepSpeed config dict of a `TrainConfig` (AdamW; the learning rate is set per step).
-
-    ``dtype`` is the training precision: bfloat16 turns on DeepSpeed's bf16 mode (fp32 master
-    weights and optimizer state), float32 trains in full precision (the CPU default).
-    Clipping is DeepSpeed's unless `clips_in_torch`.
-    """
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"training precision must be float32 or bfloat16, got {dtype}")
-    zero: dict = {"stage": engine_zero_stage(train, dtype)}
-    if train.offload == "cpu":
-        pin = torch.cuda.is_available()  # page-locked host memory needs a CUDA runtime
-        zero.update(offload_param={"device": "cpu", "pin_memory": pin},
-                    offload_optimizer={"device": "cpu", "pin_memory": pin})
-    return {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * world_size,
-        "gradient_clipping": 0.0 if clips_in_torch(train, dtype) else train.max_grad_norm,
-        "zero_optimization": zero,
-        # offloaded optimizer state: torch's AdamW on the CPU tensors (DeepSpeedCPUAdam would
-        # compile a C++ op on first use)
-        **({"zero_force_ds_cpu_optimizer": False} if train.offload == "cpu" else {}),
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        **({"data_types": {"grad_accum_dtype": "fp32"}}
-           if engine_zero_stage(train, dtype) == 1 and dtype == torch.bfloat16 else {}),
-        "optimizer": {
-            "type": "AdamW",
-            # torch.optim.AdamW with its fused kernel (CPU and CUDA): one pass per tensor over
-            # param, grad and both moments. The multi-tensor (foreach) form allocates
-            # model-sized temporaries: on SmolLM2-135M +0.5 GB peak RSS and 8x the CPU time
-            # of the update (bench/results/training.md)
-            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "torch_adam": True,
-                       "adam_w_mode": True, "fused": True},
-        },
-        "steps_per_print": 2**62,
-        "wall_clock_breakdown": False,
-    }
-
-
-# --------------------------------------------------------------------------------------
-# Data: examples -> rows -> micro-batches
-# --------------------------------------------------------------------------------------
-
-
-def to_rows(examples: Sequence[Example]) -> list[dict]:
-    """Validated examples (`rayalign.data.load_dataset`) as plain row dicts for Ray Data."""
-    return [dataclasses.asdict(e) for e in examples]
-
-
-def _present(value) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
-
-
-@dataclass(frozen=True)
-class DataPlan:
-    """What the loop needs to know about a phase's whole dataset before it starts."""
-
-    batches_per_epoch: int  # micro-batches per rank per epoch (sets the schedule length)
-    precomputed_ref: bool  # reference log-prob columns present (else a reference model)
-
-
-def plan_data(examples: Sequence[Example], train: TrainConfig, world_size: int) -> DataPlan:
-    """Check that the examples fit the objective and count the micro-batches per rank.
-
-    Ray Train splits a dataset into equal shards of ``len // world_size`` rows. Reference
-    log-probs must be present in every row or in none (a mix is a data error).
-    """
-    kind = OBJECTIVE_DATA_KIND[train.objective]
-    expected = _EXAMPLE_TYPE[kind]
-    if not all(isinstance(e, expected) for e in examples):
-        got = next(type(e).__name__ for e in examples if not isinstance(e, expected))
-        raise ValueError(f"objective {train.objective!r} needs {kind} data, got {got} rows")
-    if kind == "unpaired":
-        chosen = sum(e.label for e in examples)
-        rows = min(chosen, len(examples) - chosen) // world_size
-        ref_flags = [_present(e.ref_logps) for e in examples]
-    else:
-        rows = len(examples) // world_size
-        ref_flags = [_present(e.ref_chosen_logps) and _present(e.ref_rejected_logps)
-                     for e in examples] if kind == "preference" else [False]
-    if any(ref_flags) and not all(ref_flags):
-        missing = ref_flags.index(False) + 1
-        raise ValueError(f"reference log-probs are present in some rows but not in row {missing}")
-    if rows == 0:
-        raise ValueError(f"{len(examples)} rows cannot fill one micro-batch on {world_size} ranks")
-    return DataPlan(math.ceil(rows / train.micro_batch_size), all(ref_flags) and kind != "sft")
-
-
-def micro_batches(rows: Iterable[Mapping], objective: str, size: int, window: int = 0,
-                  seed: int = 0, epoch: int = 0) -> Iterator[list[Mapping]]:
-    """One epoch of a rank's rows grouped into micro-batches (module docstring), in the
-    length-grouped order of `rayalign.grouping.grouped_batches` (``window`` > 0)."""
-    if window > 0:
-        rows = list(rows)
-        unpaired = OBJECTIVE_DATA_KIND[objective] == "unpaired"
-        batches = grouped_batches([_row_length(r) for r in rows],
-                                  size * (2 if unpaired else 1), window, seed, epoch)
-        rows = [rows[i] for batch in batches for i in batch]
-    if OBJECTIVE_DATA_KIND[objective] != "unpaired":
-        it = iter(rows)
-        while chunk := list(itertools.islice(it, size)):
-            yield chunk
-        return
-    buffers: dict[bool, list[Mapping]] = {True: [], False: []}
-    for row in rows:
-        buffers[bool(row["label"])].append(row)
-        if len(buffers[True]) >= size and len(buffers[False]) >= size:
-            yield buffers[True][:size] + buffers[False][:size]
-            buffers = {k: v[size:] for k, v in buffers.items()}
-
-
-def _row_length(row: Mapping) -> int:
-    """The padded width a row needs: prompt + its longest response, in tokens when the row is
-    tokenized (`tokenize_rows`), else in characters (a proxy with the same order, roughly)."""
-    sides = [f for f in _RESPONSE_FIELDS["sft"] + _RESPONSE_FIELDS["preference"]
-             + _RESPONSE_FIELDS["unpaired"] if f in row or f"{f}_ids" in row]
-    if "prompt_ids" in row:
-        return len(row["prompt_ids"]) + max(len(row[f"{f}_ids"]) for f in sides)
-    return len(row["prompt"]) + max(len(row[f]) for f in sides)
-
-
-@dataclass
-class MicroBatch:
-    """Tokenized sequences of one micro-batch; pairs put chosen rows before rejected rows, in
-    two rows each or packed into one (`rayalign.pairpack`)."""
-
-    sequences: SequenceBatch | PairPack
-    num_examples: int  # pairs, or SFT rows
-    ref_logps: Tensor | None  # (2B,) chosen then rejected, when precomputed
-    weights: Tensor | None  # (B,) for weighted_dpo
-    identical: Tensor | None = None  # (B,) bool, pairs: rejected == chosen token for token
-    kl_sequences: SequenceBatch | None = None  # kto: prompt i with completion i-1 (z0's estimate)
-
-
-_RESPONSE_FIELDS = {"sft": ("response",), "preference": ("chosen", "rejected"),
-                    "unpaired": ("completion",)}
-
-
-def tokenize_rows(tokenizer, rows: Iterable[Mapping], kind: str, data: DataConfig) -> list[dict]:
-    """Rows plus their token ids, so that the training step does no tokenization.
-
-    Adds ``prompt_ids`` and ``<field>_ids`` for each response field of the kind (``chosen`` /
-    ``rejected``, ``response`` or ``completion``), exactly `rayalign.data.encode`'s output.
-    TRL likewise tokenizes its dataset before training; the Ray driver does it once per job
-    instead of once per epoch on every worker.
-    """
-    lengths = (data.max_prompt_length, data.max_length)
-    out = []
-    for row in rows:
-        new = dict(row)
-        for side in _RESPONSE_FIELDS[kind]:
-            new["prompt_ids"], new[f"{side}_ids"] = encode(tokenizer, row["prompt"], row[side],
-                                                           *lengths)
-        out.append(new)
-    return out
-
-
-def build_micro_batch(
-    tokenizer, rows: Sequence[Mapping], objective: str, data: DataConfig, precomputed_ref: bool,
-    pack: bool = False,
-) -> MicroBatch:
-    """Collate one micro-batch of row dicts (`to_rows` format, optionally `tokenize_rows`);
-    ``pack``: pairs as `rayalign.pairpack.PairPack` rows.
-
-    Rows without token ids are tokenized here (`rayalign.data.encode`, the same ids).
-    """
-    kind = OBJECTIVE_DATA_KIND[objective]
-    lengths = (data.max_prompt_length, data.max_length)
-
-    def ids(row: Mapping, field: str) -> tuple[list[int], list[int]]:
-        if "prompt_ids" in row:
-            return list(row["prompt_ids"]), list(row[f"{field}_ids"])
-        return encode(tokenizer, row["prompt"], row[field], *lengths)
-
-    if kind == "sft":
-        return MicroBatch(collate([ids(r, "response") for r in rows], tokenizer.pad_token_id),
-                          len(rows), None, None)
-    if kind == "unpaired":
-        ordered = [r for r in rows if r["label"]] + [r for r in rows if not r["label"]]
-        ref = [r["ref_logps"] for r in ordered] if precomputed_ref else None
-        seqs = [ids(r, "completion") for r in ordered]
-        kl = collate(kl_pairs(seqs, data.max_length), tokenizer.pad_token_id) \
-            if objective == "kto" else None
-        return MicroBatch(collate(seqs, tokenizer.pad_token_id), sum(bool(r["label"]) for r in rows),
-                          _tensor(ref), None, kl_sequences=kl)
-    # chosen rows, then rejected rows: one forward (as rayalign.data.collate_pairs)
-    chosen, rejected = [ids(r, "chosen") for r in rows], [ids(r, "rejected") for r in rows]
-    seqs = (pack_pairs(chosen, rejected, tokenizer.pad_token_id) if pack
-            else collate(chosen + rejected, tokenizer.pad_token_id))
-    ref = ([r["ref_chosen_logps"] for r in rows] + [r["ref_rejected_logps"] for r in rows]
-           if precomputed_ref else None)
-    weights = _tensor([r["weight"] for r in rows]) if objective == "weighted_dpo" else None
-    identical = torch.tensor([c == r for c, r in zip(chosen, rejected)], dtype=torch.bool)
-    return MicroBatch(seqs, len(rows), _tensor(ref), weights, identical)
-
-
-def kl_pairs(seqs: Sequence[tuple[list[int], list[int]]], max_length: int
-             ) -> list[tuple[list[int], list[int]]]:
-    """KTO's mismatched pairs for its KL estimate z0: prompt i with the completion of example
-    i - 1 (the first prompt gets the last completion), as TRL's ``_get_kl_dataset`` shifts
-    the completions within a batch; the completion is cut to fit ``max_length``."""
-    return [(prompt, seqs[i - 1][1][:max(1, max_length - len(prompt))])
-            for i, (prompt, _) in enumerate(seqs)]
-
-
-def batch_logprobs(model: torch.nn.Module, batch: SequenceBatch | PairPack) -> tuple[Tensor, Tensor]:
-    """Summed response log-probs and response token counts of either layout (chosen first)."""
-    if isinstance(batch, PairPack):
-        return pair_logprobs(model, batch)
-    return sequence_logprobs(model, batch)
-
-
-def batch_counts(batch: SequenceBatch | PairPack) -> tuple[float, float, float]:
-    """Tokens of the sequences, non-padding positions the forward computes, and all its
-    positions (rows x width): the step metrics' tokens and padding share."""
-    if isinstance(batch, PairPack):
-        return (float(batch.sequence_lengths.sum()), float(batch.lengths.sum()),
-                float(batch.input_ids.numel()))
-    tokens = float(batch.attention_mask.sum())
-    return tokens, tokens, float(batch.attention_mask.numel())
-
-
-def _tensor(values: Sequence[float] | None) -> Tensor | None:
-    return None if values is None else torch.tensor([float(v) for v in values],
-                                                    dtype=torch.float32)
-
-
-# --------------------------------------------------------------------------------------
-# Objective
-# --------------------------------------------------------------------------------------
-
-
-def objective_loss(
-    objective: str,
-    train: TrainConfig,
-    policy_logps: Tensor,
-    num_tokens: Tensor,
-    ref_logps: Tensor | None,
-    weights: Tensor | None,
-    num_chosen: int,
-    reference_point: Tensor | None = None,
-) -> tuple[Tensor, losses.PreferenceTerms | None]:
-    """The loss of one micro-batch, and the preference terms (rewards) for logging.
-
-    ``policy_logps`` / ``num_tokens`` / ``ref_logps`` hold the chosen sequences first
-    (``num_chosen`` of them), then the rejected ones; SFT has no reference and no terms.
-    ``reference_point``: KTO's z0 (`rayalign.kto`), computed by the trainer.
-    """
-    if objective == "sft":
-        return losses.sft_loss(policy_logps, num_tokens), None
-    pc, pr = policy_logps[:num_chosen], policy_logps[num_chosen:]
-    rc, rr = ref_logps[:num_chosen], ref_logps[num_chosen:]
-    if objective in ("dpo", "weighted_dpo"):
-        terms = losses.dpo_terms(pc, pr, rc, rr, beta=train.beta, weights=weights,
-                                 label_smoothing=train.label_smoothing)
-    elif objective == "ipo":
-        terms = losses.ipo_terms(pc, pr, rc, rr, beta=train.beta,
-                                 chosen_lengths=num_tokens[:num_chosen],
-                                 rejected_lengths=num_tokens[num_chosen:])
-    elif objective in ("aot", "aot_unpaired"):
-        terms = losses.aot_terms(pc, pr, rc, rr, beta=train.beta, paired=objective == "aot",
-                                 loss=train.aot_loss, label_smoothing=train.label_smoothing)
-    elif objective == "kto":
-        terms = kto_terms(pc, pr, rc, rr, beta=train.beta, reference_point=reference_point,
-                          desirable_weight=train.desirable_weight,
-                          undesirable_weight=train.undesirable_weight)
-    else:
-        raise ValueError(f"unknown objective {objective!r}")
-    return terms.loss, terms
-
-
-# --------------------------------------------------------------------------------------
-# Phases and the trainer
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One objective over one dataset: ``train.objective`` on this rank's ``rows``.
-
-    ``rows`` are row dicts (`to_rows`) of this rank's shard; iterating it again starts a new
-    epoch (a list, or an adapter over a Ray Data shard). ``plan`` comes from `plan_data` on
-    the whole dataset.
-    """
-
-    name: str
-    train: TrainConfig
-    data: DataConfig
-    rows: Iterable[Mapping]
-    plan: DataPlan
-
-    @property
-    def steps(self) -> int:
-        return total_steps(self.train, self.plan.batches_per_epoch)
-
-
-@dataclass
-class PhaseState:
-    """Position in a phase; saved with every DeepSpeed checkpoint for exact resume."""
-
-    phase: str
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches consumed in the current epoch (skipped ones too)
-    nonfinite_run: int = 0  # consecutive skipped micro-batches
-
-
-@dataclass
-class PhaseResult:
-    state: PhaseState
-    history: list[dict[str, float]] = field(default_factory=list)  # one entry per step
 
 
 GradHook = Callable[["Trainer"], None]
@@ -538,7 +125,7 @@ class Trainer:
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = load_tokenizer(policy)
         ds_config = deepspeed_config(train, self.world_size, self.dtype)
-        model = self._load_policy(train, ds_config)
+        model = load_policy(self.policy_path, train, ds_config)
         torch.manual_seed(train.seed)
         ensure_ops(train.startup_timeout_s)  # never wait forever on a killed worker's lock
         self.engine, *_ = deepspeed.initialize(
@@ -555,43 +142,6 @@ class Trainer:
         self._grad_norm: float | None = None
         self._reference: torch.nn.Module | None = None
 
-    def _load_policy(self, train: TrainConfig, ds_config: dict) -> torch.nn.Module:
-        """The float32 policy on the CPU (DeepSpeed casts it to the training dtype before
-        moving it to the device, so no GPU ever holds the fp32 copy); under ZeRO-3 built
-        partitioned (zero.Init) so no process holds it whole; then dropout, checkpointing
-        and LoRA as configured."""
-        from transformers import AutoModelForCausalLM
-
-        from transformers.integrations import HfDeepSpeedConfig
-
-        # while this object lives, from_pretrained builds each parameter under zero.Init;
-        # dropped right after, so that later loads (the reference model) are plain
-        zero3 = None
-        if train.zero_stage == 3:
-            import deepspeed
-
-            # zero.Init reads the world size from deepspeed.comm, which is 1 until it wraps
-            # the existing torch.distributed group (it does not create another one)
-            deepspeed.init_distributed(dist_backend=dist.get_backend())
-            zero3 = HfDeepSpeedConfig(ds_config)
-        extra = {} if train.attn_implementation is None else {
-            "attn_implementation": train.attn_implementation}
-        model = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=torch.float32,
-                                                     **extra)
-        del zero3
-        model.train()
-        if train.disable_dropout:  # before LoRA: the adapters keep their own dropout
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
-        if train.gradient_checkpointing:
-            model.config.use_cache = False
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        if train.lora is not None:
-            return apply_lora(model, train.lora)
-        return model.requires_grad_(True)
-
     # -- the loop ------------------------------------------------------------------------
 
     def run_phase(
@@ -602,16 +152,7 @@ class Trainer:
         grad_hook: GradHook | None = None,
     ) -> PhaseResult:
         """Train ``phase`` from ``state`` (a fresh start if None) to its last step."""
-        for name in ENGINE_FIELDS:
-            if getattr(phase.train, name) != getattr(self.engine_train, name):
-                raise ValueError(f"phase {phase.name!r}: {name} differs from the engine's "
-                                 f"({getattr(phase.train, name)} vs "
-                                 f"{getattr(self.engine_train, name)})")
-        state = state or PhaseState(phase.name)
-        if state.phase != phase.name:
-            raise ValueError(f"state belongs to phase {state.phase!r}, not {phase.name!r}")
-        for group in self.engine.optimizer.param_groups:
-            group["weight_decay"] = phase.train.weight_decay
+        state = self._start_phase(phase, state)
         result, steps = PhaseResult(state), phase.steps
         sums: dict[str, float] = {}
         started = time.perf_counter()
@@ -629,18 +170,10 @@ class Trainer:
                 if not self.engine.is_gradient_accumulation_boundary():
                     self.engine.step()
                     continue
-                if grad_hook is not None:
-                    grad_hook(self)
-                if self.clips_in_torch:
-                    self._grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                        self.module.parameters(), phase.train.max_grad_norm, foreach=True))
-                lr = lr_at(state.step, steps, phase.train)
-                for group in self.engine.optimizer.param_groups:
-                    group["lr"] = lr
-                self.engine.step()
-                state.step += 1
+                lr = self._optimizer_step(phase.train, state, steps, grad_hook)
                 now = time.perf_counter()
-                metrics = self._reduce_metrics(sums, now - started, lr, state)
+                metrics = step_metrics(sums, now - started, lr, state, self.device,
+                                       self.world_size, self._step_grad_norm())
                 sums, started = {}, now
                 result.history.append(metrics)
                 if self.rank == 0:
@@ -654,6 +187,37 @@ class Trainer:
                                  f"{state.epoch}")
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         return result
+
+    def _start_phase(self, phase: Phase, state: PhaseState | None) -> PhaseState:
+        """Check that ``phase`` fits the engine and ``state`` belongs to it; set its weight
+        decay. Returns the state to start from (a fresh one if None)."""
+        for name in ENGINE_FIELDS:
+            if getattr(phase.train, name) != getattr(self.engine_train, name):
+                raise ValueError(f"phase {phase.name!r}: {name} differs from the engine's "
+                                 f"({getattr(phase.train, name)} vs "
+                                 f"{getattr(self.engine_train, name)})")
+        state = state or PhaseState(phase.name)
+        if state.phase != phase.name:
+            raise ValueError(f"state belongs to phase {state.phase!r}, not {phase.name!r}")
+        for group in self.engine.optimizer.param_groups:
+            group["weight_decay"] = phase.train.weight_decay
+        return state
+
+    def _optimizer_step(self, train: TrainConfig, state: PhaseState, steps: int,
+                        grad_hook: GradHook | None) -> float:
+        """At an accumulation boundary: the gradient hook, clipping (`clips_in_torch`), the
+        learning rate of step ``state.step`` of ``steps``, ``engine.step()``; returns the rate."""
+        if grad_hook is not None:
+            grad_hook(self)
+        if self.clips_in_torch:
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                self.module.parameters(), train.max_grad_norm, foreach=True))
+        lr = lr_at(state.step, steps, train)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        state.step += 1
+        return lr
 
     def _micro_step(self, phase: Phase, rows: list[Mapping], state: PhaseState,
                     sums: dict[str, float]) -> bool:
@@ -684,56 +248,17 @@ class Trainer:
                     f"{train.max_nan_steps}")
             log.warning("phase %s: non-finite loss at epoch %d micro-batch %d, skipped",
                         phase.name, state.epoch, state.batch_in_epoch)
-            _add(sums, skipped=1.0)
+            add(sums, skipped=1.0)
             return False
         state.nonfinite_run = 0
         self.engine.backward(loss)
-        tokens, computed, slots = batch_counts(seqs)
-        _add(sums, loss=loss.item(), micro_batches=1.0, examples=float(batch.num_examples),
-             tokens=tokens, computed=computed, slots=slots)
-        if terms is not None:
-            chosen, rejected = terms.chosen_rewards.mean().item(), terms.rejected_rewards.mean().item()
-            _add(sums, chosen_reward=chosen, rejected_reward=rejected, margin=chosen - rejected)
-            if OBJECTIVE_DATA_KIND[train.objective] != "unpaired":  # accuracy needs pairs
-                wins = (terms.chosen_rewards > terms.rejected_rewards).float().mean().item()
-                _add(sums, accuracy=wins)
-            if batch.identical is not None:
-                distinct_wins, distinct = losses.distinct_pair_wins(
-                    terms.chosen_rewards, terms.rejected_rewards, batch.identical.to(self.device))
-                _add(sums, pairs=float(batch.num_examples), distinct_pairs=distinct,
-                     distinct_wins=distinct_wins)
-        if weights is not None:
-            _add(sums, weight=weights.mean().item())
+        add_micro_batch(sums, loss, batch, seqs, terms, weights,
+                        paired=OBJECTIVE_DATA_KIND[train.objective] != "unpaired")
         return True
 
-    def _reduce_metrics(self, sums: dict[str, float], seconds: float, lr: float,
-                        state: PhaseState) -> dict[str, float]:
-        """Per-step metrics: means over micro-batches and ranks, rates over all ranks."""
-        keys = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "weight",
-                "micro_batches", "examples", "tokens", "computed", "slots", "skipped", "pairs",
-                "distinct_pairs", "distinct_wins")
-        # on the training device: an NCCL-only group rejects CPU tensors
-        totals = torch.tensor([sums.get(k, 0.0) for k in keys], dtype=torch.float64,
-                              device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(totals)
-        t = dict(zip(keys, totals.tolist()))
-        n = max(t["micro_batches"], 1.0)
-        metrics = {"step": float(state.step), "epoch": float(state.epoch), "lr": lr,
-                   "loss": t["loss"] / n, "examples_per_s": t["examples"] / seconds,
-                   "tokens_per_s": t["tokens"] / seconds, "skipped": t["skipped"],
-                   # share of the padded [rows, width] slots of the step's forwards that are padding
-                   "padding": 1.0 - t["computed"] / t["slots"] if t["slots"] else 0.0}
-        metrics.update({k: t[k] / n for k in ("chosen_reward", "rejected_reward", "margin",
-                                              "accuracy", "weight") if k in sums})
-        if t["pairs"]:  # accuracy over the pairs whose responses differ, and their share
-            metrics["identical_share"] = 1.0 - t["distinct_pairs"] / t["pairs"]
-            if t["distinct_pairs"]:
-                metrics["accuracy_distinct"] = t["distinct_wins"] / t["distinct_pairs"]
-        norm = self._grad_norm if self.clips_in_torch else self.engine.get_global_grad_norm()
-        if norm is not None:
-            metrics["grad_norm"] = float(norm)
-        return metrics
+    def _step_grad_norm(self) -> float | Tensor | None:
+        """The gradient norm of the step just taken (before clipping), by whoever clipped."""
+        return self._grad_norm if self.clips_in_torch else self.engine.get_global_grad_norm()
 
     def _all(self, flag: bool) -> bool:
         """True iff ``flag`` is true on every rank (one all-reduce when distributed)."""
@@ -846,8 +371,3 @@ class Trainer:
                 out = save_checkpoint(self.module, self.tokenizer, out_dir, state_dict=state)
         dist.barrier()
         return out
-
-
-def _add(sums: dict[str, float], **values: float) -> None:
-    for key, value in values.items():
-        sums[key] = sums.get(key, 0.0) + value

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rayalign.grouping import grouped_batches
-from rayalign.train import micro_batches
+from rayalign.train_batches import micro_batches
 
 
 def padding(batches, lengths):

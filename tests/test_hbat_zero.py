@@ -54,7 +54,9 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
     from rayalign.hbat import rank_shard
     from rayalign.hbat_penalty import ewc_hook, global_change
     from rayalign.logprobs import sequence_logprobs
-    from rayalign.train import Phase, Trainer, plan_data, to_rows
+    from rayalign.train import Trainer
+    from rayalign.train_batches import plan_data, to_rows
+    from rayalign.train_phase import Phase
 
     examples = [SFTExample(r["prompt"], r["completion"]) for r in toytask.make_rows(8, seed=5)]
     data = DataConfig(path="toy.jsonl", kind="sft", **LIMITS)

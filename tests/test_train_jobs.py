@@ -12,7 +12,7 @@ from actors.trainer import toy_data
 from rayalign.config import load_config
 from rayalign.config_train import TrainJobConfig
 from rayalign.data import PreferenceExample, UnpairedExample, load_dataset
-from rayalign.train import OBJECTIVE_DATA_KIND
+from rayalign.train_batches import OBJECTIVE_DATA_KIND
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = {"sft": ("sft",), "dpo": ("dpo", "weighted_dpo", "ipo", "kto"), "aot": ("aot", "aot_unpaired")}

@@ -23,22 +23,19 @@ from rayalign.config_train import TrainConfig
 from rayalign.data import PreferenceExample, SFTExample, UnpairedExample, collate_pairs
 from rayalign.logprobs import sequence_logprobs
 from rayalign.models import load_model, load_tokenizer
-from rayalign.train import (
+from rayalign.train import NonFiniteLossError, Trainer
+from rayalign.train_batches import (
     OBJECTIVE_DATA_KIND,
     DataPlan,
-    NonFiniteLossError,
-    Phase,
-    Trainer,
     build_micro_batch,
-    deepspeed_config,
     kl_pairs,
-    lr_at,
     micro_batches,
     plan_data,
     to_rows,
     tokenize_rows,
-    total_steps,
 )
+from rayalign.train_engine import deepspeed_config
+from rayalign.train_phase import Phase, lr_at, total_steps
 
 LIMITS = dict(max_prompt_length=32, max_length=64)
 

@@ -26,7 +26,9 @@ from rayalign.config_train import LoraConfig, TrainConfig
 from rayalign.data import PreferenceExample, collate_pairs
 from rayalign.logprobs import sequence_logprobs
 from rayalign.models import load_model
-from rayalign.train import Phase, Trainer, plan_data, to_rows
+from rayalign.train import Trainer
+from rayalign.train_batches import plan_data, to_rows
+from rayalign.train_phase import Phase
 
 LIMITS = dict(max_prompt_length=32, max_length=64)
 

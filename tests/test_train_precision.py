@@ -26,7 +26,10 @@ from rayalign.config import DataConfig
 from rayalign.config_train import TrainConfig
 from rayalign.data import PreferenceExample, SFTExample
 from rayalign.hbat_penalty import freeze_hook, zero_first_moment
-from rayalign.train import Phase, Trainer, plan_data, process_group_backend, to_rows
+from rayalign.train import Trainer
+from rayalign.train_batches import plan_data, to_rows
+from rayalign.train_engine import process_group_backend
+from rayalign.train_phase import Phase
 from conftest import free_port, gloo_group
 
 LIMITS = dict(max_prompt_length=32, max_length=64)

@@ -75,7 +75,9 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
-    from rayalign.train import DataPlan, Phase, Trainer
+    from rayalign.train import Trainer
+    from rayalign.train_batches import DataPlan
+    from rayalign.train_phase import Phase
 
     data = DataConfig(path="toy.jsonl", kind="preference", **LIMITS)
     for i, case in enumerate(CASES):
