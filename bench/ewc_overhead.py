@@ -53,7 +53,7 @@ def _worker(rank: int, args, port: int, checkpoint: str, stage: int, out: str) -
     from rayalign.config_train import TrainConfig
     from rayalign.data import PreferenceExample
     from rayalign.ewc import Snapshot, importance
-    from rayalign.hbat import rank_shard, reference_logps
+    from rayalign.hbat_data import rank_shard, reference_logps
     from rayalign.hbat_penalty import ewc_hook, global_change
     from rayalign.train import Trainer
     from rayalign.train_batches import plan_data, to_rows, tokenize_rows

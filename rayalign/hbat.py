@@ -1,10 +1,13 @@
 """Hbat: alternating SFT / preference phases held together by the modified EWC.
 
 Paper: shared/papers/hbat.txt, Section 4 and Algorithm 1; contract: shared/DESIGN.md, "Hbat".
-The numerics (C, AC, F, the penalty gradient, the freeze selection) are `rayalign.ewc`; this
-module is the schedule around them and the per-worker run on one `rayalign.train.Trainer`.
+The numerics (C, AC, F, the penalty gradient, the freeze selection) are `rayalign.ewc`, the
+penalty as it runs in the trainer `rayalign.hbat_penalty`, the data of the phases (parts,
+rank shards, reference columns, held-out scores) `rayalign.hbat_data`; this module is the
+schedule around them and the per-worker run on one `rayalign.train.Trainer`.
 
-**Schedule** (Algorithm 1). D_IFA and D_HPA are each split into N parts (`split_parts`), then
+**Schedule** (Algorithm 1). D_IFA and D_HPA are each split into N parts
+(`rayalign.hbat_data.split_parts`), then
 
     n = 1:     SFT on D_IFA^1 (no penalty: nothing has been learnt from D_HPA yet, Sec. 4.3)
                preference on D_HPA^1, penalty toward theta^IFA weighted by F^IFA   (Eq. 5)
@@ -50,22 +53,22 @@ recorded), so mid-phase checkpoints (`TrainConfig.checkpoint_every`) are not use
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
-import torch
 import torch.distributed as dist
 
 from .config_hbat import HBAT_VARIANTS, HbatConfig
 from .config_train import TrainConfig
-from .ewc import PhaseKind, Snapshot
+from .ewc import AccumulatedChange, PhaseKind, Snapshot
+from .hbat_data import HbatData, held_out_scores, phase_rows
 from .hbat_penalty import (
+    PhasePenalty,
     accumulated_from_records,
     global_change,
     penalty_hook,
@@ -73,12 +76,12 @@ from .hbat_penalty import (
 )
 from .rundir import RunDir
 from .tracking import StepLogger, progress_line, shown
+from .train_phase import Phase, PhaseResult, PhaseState
 
 log = logging.getLogger(__name__)
 
 Penalty = Literal["none", "ewc", "freeze"]
 POLICY_STAGE = "policy"  # the run directory's stage for the final Hugging Face export
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------
@@ -130,18 +133,6 @@ def schedule(num_splits: int, penalty: Penalty) -> list[HbatPhase]:
 def config_schedule(cfg: HbatConfig) -> list[HbatPhase]:
     """`schedule` of a config: N = ``num_splits``, penalty = the variant's EWC mode."""
     return schedule(cfg.num_splits, HBAT_VARIANTS[cfg.variant][0])
-
-
-def split_parts(rows: Sequence[T], num_parts: int) -> list[list[T]]:
-    """``rows`` cut into ``num_parts`` contiguous, mutually exclusive parts (Algorithm 1, l. 3).
-
-    Part k holds rows ``[k*L//N, (k+1)*L//N)``, so sizes differ by at most one and every row
-    is in exactly one part. Shuffle beforehand if the file is ordered.
-    """
-    if num_parts < 1 or len(rows) < num_parts:
-        raise ValueError(f"cannot split {len(rows)} rows into {num_parts} non-empty parts")
-    cuts = [k * len(rows) // num_parts for k in range(num_parts + 1)]
-    return [list(rows[a:b]) for a, b in zip(cuts, cuts[1:])]
 
 
 def train_config(cfg: HbatConfig, phase: HbatPhase) -> TrainConfig:
@@ -209,123 +200,6 @@ def finished_phases(run: RunDir, phases: Sequence[HbatPhase]) -> list[HbatPhase]
     return done
 
 
-def rank_shard(rows: Sequence[T], rank: int, world_size: int) -> list[T]:
-    """Rank ``rank``'s contiguous share of ``rows``: ``len // world_size`` rows, as Ray Train."""
-    k = len(rows) // world_size
-    return list(rows[rank * k:(rank + 1) * k])
-
-
-def score(trainer, rows: Sequence[Mapping], sides: Sequence[str], batch_size: int
-          ) -> dict[str, tuple[list[float], list[int]]]:
-    """Summed response log-probs and response token counts of ``rows`` under the current policy.
-
-    ``rows`` are `rayalign.train_batches.tokenize_rows` output; ``sides`` the response fields to score
-    (``"chosen"``, ``"rejected"``, ``"response"``, ``"completion"``). One no-grad pass in eval
-    mode, every rank on its own rows: collective under ZeRO-3, so all ranks must pass the same
-    number of rows.
-    """
-    from .data import collate
-    from .logprobs import sequence_logprobs
-
-    out: dict[str, tuple[list[float], list[int]]] = {side: ([], []) for side in sides}
-    trainer.module.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                seqs = [(r["prompt_ids"], r[f"{side}_ids"]) for side in sides for r in chunk]
-                batch = collate(seqs, trainer.tokenizer.pad_token_id).to(trainer.device)
-                logps, counts = sequence_logprobs(trainer.engine, batch)
-                logps, counts = logps.float().cpu().tolist(), counts.cpu().tolist()
-                for s, side in enumerate(sides):
-                    out[side][0].extend(logps[s * len(chunk):(s + 1) * len(chunk)])
-                    out[side][1].extend(counts[s * len(chunk):(s + 1) * len(chunk)])
-    finally:
-        trainer.module.train()
-    return out
-
-
-def reference_logps(trainer, rows: Sequence[Mapping], batch_size: int) -> list[dict]:
-    """``rows`` (`rayalign.train_batches.tokenize_rows` output) with reference log-prob columns from the
-    trainer's *current* policy (`score`): ``ref_chosen_logps`` / ``ref_rejected_logps`` for
-    pairs, ``ref_logps`` for unpaired rows."""
-    sides = ("chosen", "rejected") if "chosen" in rows[0] else ("completion",)
-    scores = score(trainer, rows, sides, batch_size)
-    out = [dict(r) for r in rows]
-    for side in sides:
-        key = "ref_logps" if side == "completion" else f"ref_{side}_logps"
-        for r, v in zip(out, scores[side][0]):
-            r[key] = v
-    return out
-
-
-def held_out_scores(trainer, ifa_rows: Sequence[Mapping] | None,
-                    hpa_rows: Sequence[Mapping] | None, batch_size: int) -> dict[str, float]:
-    """Both objectives on held-out rows (each rank its shard, totals all-reduced):
-    ``ifa_nll`` = -sum log p(response) / response tokens on SFT rows, ``hpa_accuracy`` = share
-    of pairs with log p(chosen) > log p(rejected)."""
-    totals = torch.zeros(4, dtype=torch.float64, device=trainer.device)
-    if ifa_rows:
-        logps, counts = score(trainer, ifa_rows, ("response",), batch_size)["response"]
-        totals[0], totals[1] = -sum(logps), sum(counts)
-    if hpa_rows:
-        pairs = score(trainer, hpa_rows, ("chosen", "rejected"), batch_size)
-        totals[2] = sum(c > r for c, r in zip(pairs["chosen"][0], pairs["rejected"][0]))
-        totals[3] = len(hpa_rows)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(totals)
-    nll, tokens, wins, n = totals.tolist()
-    out = {}
-    if ifa_rows:
-        out["ifa_nll"] = nll / tokens
-    if hpa_rows:
-        out["hpa_accuracy"] = wins / n
-    return out
-
-
-def _has_reference(examples: Sequence) -> bool:
-    keys = ("ref_logps",) if hasattr(examples[0], "ref_logps") else ("ref_chosen_logps",
-                                                                      "ref_rejected_logps")
-    return all(getattr(e, k, None) is not None for e in examples for k in keys)
-
-
-def interleave_labels(examples: Sequence) -> list:
-    """Unpaired rows reordered true, false, true, false, ... (the surplus of the larger side
-    dropped), so that every contiguous part and rank shard holds both labels equally, as
-    aot_unpaired's micro-batches need (`rayalign.train_batches.micro_batches`)."""
-    chosen = [e for e in examples if e.label]
-    rejected = [e for e in examples if not e.label]
-    return [e for pair in zip(chosen, rejected) for e in pair]
-
-
-@dataclass(frozen=True)
-class HbatData:
-    """The N parts of D_IFA and of D_HPA (validated `rayalign.data` examples, all ranks' rows).
-
-    Unpaired D_HPA is first `interleave_labels`-ed.
-    """
-
-    ifa: list[list]
-    hpa: list[list]
-    eval_ifa: list | None  # held-out sets, whole
-    eval_hpa: list | None
-
-    @classmethod
-    def load(cls, cfg: HbatConfig, tokenizer) -> HbatData:
-        from .data import load_dataset
-
-        n, hpa = cfg.num_splits, load_dataset(cfg.hpa, tokenizer)
-        if cfg.hpa.kind == "unpaired":
-            hpa = interleave_labels(hpa)
-        held_out = [None if c is None else load_dataset(c, tokenizer)
-                    for c in (cfg.eval_ifa, cfg.eval_hpa)]
-        return cls(split_parts(load_dataset(cfg.ifa, tokenizer), n), split_parts(hpa, n),
-                   *held_out)
-
-    def part(self, phase: HbatPhase) -> list:
-        return (self.ifa if phase.kind == "ifa" else self.hpa)[phase.round - 1]
-
-
 PhaseCallback = Callable[[HbatPhase, dict], None]
 """Called on every rank after each phase is checkpointed (and recorded, on rank 0)."""
 
@@ -354,60 +228,28 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
     phase is the policy at its start (theta^IFA, the phase's anchor), its log-probs computed
     once when the phase starts, unless the preference file already has reference columns.
     """
-    from .train_batches import plan_data, to_rows, tokenize_rows
-    from .train_phase import Phase
-
     rank, world = dist.get_rank(), dist.get_world_size()
     run = RunDir(cfg.run_dir, fingerprint(cfg))
     phases = config_schedule(cfg)
-    done = finished_phases(run, phases)
-    ac = accumulated_from_records(done, [run.get(p.name).metrics["change"] for p in done])
-    if done:
-        trainer.load_state(run.get(done[-1].name).outputs["checkpoint"])
-        if rank == 0:
-            log.info("hbat: resuming after %s (%d of %d phases done)", done[-1].name,
-                     len(done), len(phases))
+    done, ac = _resume(run, phases, trainer)
     inputs = resolve_inputs(cfg)
     data = HbatData.load(inputs, trainer.tokenizer)
-    held_out = [None if examples is None else tokenize_rows(
-        trainer.tokenizer, to_rows(rank_shard(examples, rank, world)), c.kind, c)
-        for examples, c in ((data.eval_ifa, inputs.eval_ifa), (data.eval_hpa, inputs.eval_hpa))]
+    held_out = data.held_out_rows(inputs, trainer.tokenizer, rank, world)
     for phase in phases[len(done):]:
         started = time.perf_counter()
         if rank == 0:
             run.start(phase.name)
         train = train_config(cfg, phase)
         data_cfg = inputs.ifa if phase.kind == "ifa" else inputs.hpa
-        examples = data.part(phase)
-        plan = plan_data(examples, train, world)
-        rows = tokenize_rows(trainer.tokenizer, to_rows(rank_shard(examples, rank, world)),
-                             data_cfg.kind, data_cfg)
-        if phase.kind == "hpa" and not _has_reference(examples):
-            rows = reference_logps(trainer, rows, train.micro_batch_size)
-            plan = dataclasses.replace(plan, precomputed_ref=True)
+        rows, plan = phase_rows(trainer, data.part(phase), data_cfg, train, phase.kind == "hpa")
         anchor = Snapshot.take(trainer.local_params(),
                                device="cpu" if cfg.ewc.offload_anchor else None)
         penalty = phase_penalty(phase, ac, cfg.ewc)
-        if rank == 0 and penalty is not None:
-            log.info("hbat %s: %s penalty, F^%s entropy %.4f (normalized %.4f), max share %.4f, "
-                     "top %s", phase.name, penalty.mode, phase.importance_from.upper(),
-                     penalty.stats["entropy"], penalty.stats["normalized_entropy"],
-                     penalty.stats["max_share"], penalty.stats["top"][:3])
-        step_log = StepLogger(run.path("logs", phase.name), phase.name) if rank == 0 else None
-        job = Phase(phase.name, train, data_cfg, rows, plan)
-        try:
-            result = trainer.run_phase(
-                job, on_step=_step_printer(step_log, phase.name, job.steps),
-                grad_hook=penalty_hook(trainer, penalty, anchor, cfg.ewc.lam))
-        finally:
-            if step_log is not None:
-                step_log.close()
+        result = _train_phase(run, trainer, phase, Phase(phase.name, train, data_cfg, rows, plan),
+                              penalty, anchor, cfg.ewc.lam)
         change = global_change(trainer, anchor)
         ac.add(phase.kind, change)
         evaluation = held_out_scores(trainer, *held_out, cfg.sft.micro_batch_size)
-        checkpoint = run.path(phase.name, "checkpoint")
-        trainer.save_state(checkpoint, result.state)
-        dist.barrier()
         metrics = {
             "kind": phase.kind, "round": phase.round, "objective": train.objective,
             "steps": result.state.step, "change": change,
@@ -415,11 +257,7 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
             "first": result.history[0] if result.history else {},
             "last": result.history[-1] if result.history else {},
         }
-        if rank == 0:
-            run.record(phase.name, {"checkpoint": checkpoint}, metrics,
-                       time.perf_counter() - started)
-            if done:  # only the newest checkpoint is ever loaded
-                shutil.rmtree(run.path(done[-1].name, "checkpoint"), ignore_errors=True)
+        _checkpoint(run, trainer, phase, result.state, metrics, done, started)
         done.append(phase)
         if on_phase is not None:
             on_phase(phase, metrics)
@@ -428,6 +266,53 @@ def run_schedule(cfg: HbatConfig, trainer, on_phase: PhaseCallback | None = None
     if rank == 0:
         run.record(POLICY_STAGE, {"policy": policy}, {}, time.perf_counter() - started)
     return {"phases": [p.name for p in phases], "policy": None if policy is None else str(policy)}
+
+
+def _resume(run: RunDir, phases: Sequence[HbatPhase], trainer
+            ) -> tuple[list[HbatPhase], AccumulatedChange]:
+    """The recorded phases and their AC^k (Eq. 10), the trainer restored from the last one's
+    checkpoint (module docstring: the checkpoint and the records are the whole state)."""
+    done = finished_phases(run, phases)
+    ac = accumulated_from_records(done, [run.get(p.name).metrics["change"] for p in done])
+    if done:
+        trainer.load_state(run.get(done[-1].name).outputs["checkpoint"])
+        if dist.get_rank() == 0:
+            log.info("hbat: resuming after %s (%d of %d phases done)", done[-1].name,
+                     len(done), len(phases))
+    return done, ac
+
+
+def _train_phase(run: RunDir, trainer, phase: HbatPhase, job: Phase,
+                 penalty: PhasePenalty | None, anchor: Snapshot, lam: float) -> PhaseResult:
+    """Train ``job`` (the trainer's phase of ``phase``) with ``penalty`` toward ``anchor`` as its
+    gradient hook; rank 0 logs the penalty and every step (`_step_printer`)."""
+    rank = dist.get_rank()
+    if rank == 0 and penalty is not None:
+        log.info("hbat %s: %s penalty, F^%s entropy %.4f (normalized %.4f), max share %.4f, "
+                 "top %s", phase.name, penalty.mode, phase.importance_from.upper(),
+                 penalty.stats["entropy"], penalty.stats["normalized_entropy"],
+                 penalty.stats["max_share"], penalty.stats["top"][:3])
+    step_log = StepLogger(run.path("logs", phase.name), phase.name) if rank == 0 else None
+    try:
+        return trainer.run_phase(job, on_step=_step_printer(step_log, phase.name, job.steps),
+                                 grad_hook=penalty_hook(trainer, penalty, anchor, lam))
+    finally:
+        if step_log is not None:
+            step_log.close()
+
+
+def _checkpoint(run: RunDir, trainer, phase: HbatPhase, state: PhaseState, metrics: dict,
+                done: Sequence[HbatPhase], started: float) -> None:
+    """Every rank writes its part of the phase's DeepSpeed checkpoint; then rank 0 records the
+    phase with ``metrics`` and deletes the previous phase's checkpoint (only the newest is
+    ever loaded)."""
+    checkpoint = run.path(phase.name, "checkpoint")
+    trainer.save_state(checkpoint, state)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        run.record(phase.name, {"checkpoint": checkpoint}, metrics, time.perf_counter() - started)
+        if done:
+            shutil.rmtree(run.path(done[-1].name, "checkpoint"), ignore_errors=True)
 
 
 def check_inputs(cfg: HbatConfig) -> None:
@@ -450,9 +335,9 @@ def check_inputs(cfg: HbatConfig) -> None:
 
 def summary_rows(run: RunDir, phases: Sequence[HbatPhase]) -> list[dict]:
     """One row per recorded phase for the job's table: objective, steps, last training loss and
-    reward accuracy, the held-out scores after the phase (`held_out_scores`), and the penalty
-    actually used (mode, normalized entropy and max share of F, its top tensor, how many
-    tensors were frozen)."""
+    reward accuracy, the held-out scores after the phase (`rayalign.hbat_data.held_out_scores`),
+    and the penalty actually used (mode, normalized entropy and max share of F, its top
+    tensor, how many tensors were frozen)."""
     rows = []
     for phase in phases:
         if not run.done(phase.name):

@@ -7,7 +7,8 @@ import pytest
 from rayalign.config import ConfigError, build_config
 from rayalign.config_hbat import EWCConfig, HbatConfig
 from rayalign.ewc import AccumulatedChange
-from rayalign.hbat import HbatPhase, config_schedule, rank_shard, schedule, split_parts
+from rayalign.hbat import HbatPhase, config_schedule, schedule
+from rayalign.hbat_data import rank_shard, split_parts
 from rayalign.hbat_penalty import accumulated_from_records, phase_penalty
 
 
@@ -127,7 +128,7 @@ def test_penalty_without_finished_phase_of_the_other_type_fails() -> None:
 def test_unpaired_rows_alternate_labels_so_every_shard_has_both() -> None:
     """Labels T T T F F -> T F T F (one surplus T dropped); 2 ranks then get [T, F] each."""
     from rayalign.data import UnpairedExample
-    from rayalign.hbat import interleave_labels
+    from rayalign.hbat_data import interleave_labels
 
     rows = [UnpairedExample("p", str(i), label) for i, label in
             enumerate([True, True, True, False, False])]

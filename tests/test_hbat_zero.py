@@ -51,7 +51,7 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
     from rayalign.config_train import TrainConfig
     from rayalign.data import SFTExample, collate, encode
     from rayalign.ewc import Snapshot
-    from rayalign.hbat import rank_shard
+    from rayalign.hbat_data import rank_shard
     from rayalign.hbat_penalty import ewc_hook, global_change
     from rayalign.logprobs import sequence_logprobs
     from rayalign.train import Trainer
