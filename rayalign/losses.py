@@ -209,29 +209,24 @@ def aot_terms(
     pc, pr, rc, rr = check(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
+    _check_aot_options(beta, loss, label_smoothing)
+
+    chosen_rewards = beta * (pc - rc).detach()
+    rejected_rewards = beta * (pr - rr).detach()
+    gpc, gpr, grc, grr = _gather_global(pc, pr, rc, rr, group=group)
+    upper, lower = (gpc - gpr, grc - grr) if paired else (gpc - grc, gpr - grr)
+    upper, lower, mass = _sorted_coupling(upper, lower)
+    losses = AOT_LOSSES[loss](beta * (upper - lower), label_smoothing)
+    return PreferenceTerms(losses, chosen_rewards, rejected_rewards, mass)
+
+
+def _check_aot_options(beta: float, loss: str, label_smoothing: float) -> None:
     check_beta(beta)
     _check_label_smoothing(label_smoothing)
     if loss not in AOT_LOSSES:
         raise ValueError(f"loss must be one of {sorted(AOT_LOSSES)}, got {loss!r}")
     if label_smoothing and loss != "logistic":
         raise ValueError(f"label_smoothing applies to the logistic loss only, got loss={loss!r}")
-
-    chosen_rewards = beta * (pc - rc).detach()
-    rejected_rewards = beta * (pr - rr).detach()
-    gpc, gpr, grc, grr = _gather_global(pc, pr, rc, rr, group=group)
-    if paired:
-        upper, lower = gpc - gpr, grc - grr
-    else:
-        upper, lower = gpc - grc, gpr - grr
-    upper, _ = torch.sort(upper, dim=0)
-    lower, _ = torch.sort(lower, dim=0)
-    mass = None
-    if upper.shape != lower.shape:
-        upper_idx, lower_idx, mass = _quantile_coupling(upper.numel(), lower.numel())
-        upper, lower = upper[upper_idx.to(upper.device)], lower[lower_idx.to(lower.device)]
-        mass = mass.to(device=upper.device, dtype=upper.dtype)
-    losses = AOT_LOSSES[loss](beta * (upper - lower), label_smoothing)
-    return PreferenceTerms(losses, chosen_rewards, rejected_rewards, mass)
 
 
 def ipo_terms(
@@ -290,6 +285,20 @@ def _scalar_loss(terms: Callable[..., PreferenceTerms]) -> Callable[..., Tensor]
 dpo_loss = _scalar_loss(dpo_terms)  # plain DPO, SPIN, or LD-Align weighted DPO
 aot_loss = _scalar_loss(aot_terms)  # mean over quantiles, the same on every rank
 ipo_loss = _scalar_loss(ipo_terms)
+
+
+def _sorted_coupling(upper: Tensor, lower: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The two samples sorted ascending and coupled quantile by quantile (AOT's 1-D optimal
+    transport): equal sizes pair element by element (``mass`` None, a plain mean); unequal
+    sizes repeat each value over the intervals of `_quantile_coupling`, whose lengths are
+    the ``mass``."""
+    upper, _ = torch.sort(upper, dim=0)
+    lower, _ = torch.sort(lower, dim=0)
+    if upper.shape == lower.shape:
+        return upper, lower, None
+    upper_idx, lower_idx, mass = _quantile_coupling(upper.numel(), lower.numel())
+    upper, lower = upper[upper_idx.to(upper.device)], lower[lower_idx.to(lower.device)]
+    return upper, lower, mass.to(device=upper.device, dtype=upper.dtype)
 
 
 def _quantile_coupling(n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
