@@ -27,7 +27,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from rayalign.config import DataConfig, ResourcesConfig
@@ -95,6 +96,26 @@ def _print_progress(path: Path, epochs: int, seen: int, stop: threading.Event,
             return
 
 
+@contextmanager
+def _progress_printed(checkpoint_dir: Path, epochs: int, log: Callable[[str], None]
+                      ) -> Iterator[None]:
+    """While the body runs (the training), a thread prints rank 0's new progress lines
+    (`_print_progress`); a guide stage that resumes says after which epoch, first."""
+    stop = threading.Event()
+    progress = checkpoint_dir / PROGRESS_FILE
+    already = len(progress.read_text().splitlines()) if progress.exists() else 0
+    if already:
+        log(f"[guide] resuming after epoch {already} from {checkpoint_dir}")
+    printer = threading.Thread(target=_print_progress, daemon=True,
+                               args=(progress, epochs, already, stop, log))
+    printer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        printer.join()
+
+
 def train_guide(
     sft: DataConfig,
     samples: str,
@@ -144,19 +165,8 @@ def train_guide(
         ),
         run_config=RunConfig(name=f"guide-{uuid.uuid4().hex[:8]}", storage_path=str(storage)),
     )
-    stop = threading.Event()
-    progress = checkpoint_dir / PROGRESS_FILE
-    already = len(progress.read_text().splitlines()) if progress.exists() else 0
-    if already:
-        log(f"[guide] resuming after epoch {already} from {checkpoint_dir}")
-    printer = threading.Thread(target=_print_progress, daemon=True,
-                               args=(progress, guide.epochs, already, stop, log))
-    printer.start()
-    try:
+    with _progress_printed(checkpoint_dir, guide.epochs, log):
         result = trainer.fit()
-    finally:
-        stop.set()
-        printer.join()
     if result.checkpoint is None:
         raise RuntimeError(f"guide training finished without a checkpoint: {result.error}")
     with atomic_dir(out_dir) as tmp:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import DataConfig
 from .config_ldalign import GuideConfig
@@ -224,6 +224,30 @@ def _save_state(checkpoint_dir: Path, fingerprint: str, guide: GuideModel, optim
         f.write(json.dumps(history[-1]) + "\n")
 
 
+def _train_epoch(model: nn.Module, guide: GuideModel, optim, sched, cfg: GuideConfig,
+                 rows: Sequence, features: Tensor | None, rng: torch.Generator
+                 ) -> tuple[float, float]:
+    """One epoch of Eq. 2 steps over this rank's encoded ``rows`` in order, ``cfg.batch_size``
+    a step (``features``: the frozen encoder's pooled states of the same rows, or None);
+    returns the summed response-token NLL and the token count."""
+    params = [p for p in guide.parameters() if p.requires_grad]
+    nll = count = 0.0
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = collate(rows[start:start + cfg.batch_size],
+                        guide.tokenizer.pad_token_id).to(guide.device)
+        logps, tokens = model(batch, cfg.word_dropout, rng,
+                              None if features is None else features[start:start + cfg.batch_size])
+        loss = -logps.sum() / tokens.sum()
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optim.step()
+        sched.step()
+        nll -= logps.sum().item()
+        count += tokens.sum().item()
+    return nll, count
+
+
 def train_guide_model(
     guide: GuideModel, pairs: Sequence[tuple[str, str]], cfg: GuideConfig,
     on_epoch: Callable[[dict], None] | None = None, checkpoint_dir: str | Path | None = None,
@@ -263,20 +287,8 @@ def train_guide_model(
         rng = torch.Generator().manual_seed((cfg.seed * 1000 + rank) * 100003 + epoch)
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         mine = order[rank::world][:per_rank].tolist()
-        nll = count = 0.0
-        for step in range(steps):
-            idx = mine[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            batch = collate([encoded[i] for i in idx], guide.tokenizer.pad_token_id).to(guide.device)
-            logps, tokens = model(batch, cfg.word_dropout, rng,
-                                  None if features is None else features[idx])
-            loss = -logps.sum() / tokens.sum()
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optim.step()
-            sched.step()
-            nll -= logps.sum().item()
-            count += tokens.sum().item()
+        nll, count = _train_epoch(model, guide, optim, sched, cfg, [encoded[i] for i in mine],
+                                  None if features is None else features[mine], rng)
         done_rows += per_rank * world
         elapsed = time.time() - start_time
         history.append({"epoch": epoch, "loss": nll / count, "steps": steps,
