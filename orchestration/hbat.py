@@ -15,14 +15,8 @@ from __future__ import annotations
 
 from actors.hbat import hbat_worker
 from rayalign.config_hbat import HbatConfig
-from rayalign.hbat import (
-    POLICY_STAGE,
-    check_inputs,
-    config_schedule,
-    fingerprint,
-    prepare_inputs,
-    summary_rows,
-)
+from rayalign.hbat import POLICY_STAGE, check_inputs, fingerprint, prepare_inputs, summary_rows
+from rayalign.hbat_schedule import config_schedule
 from rayalign.io import remove_stray_temps
 from rayalign.rundir import RunDir
 from rayalign.train_engine import process_group_backend

@@ -3,8 +3,9 @@
 Paper: shared/papers/hbat.txt, Section 4 and Algorithm 1; contract: shared/DESIGN.md, "Hbat".
 The numerics (C, AC, F, the penalty gradient, the freeze selection) are `rayalign.ewc`, the
 penalty as it runs in the trainer `rayalign.hbat_penalty`, the data of the phases (parts,
-rank shards, reference columns, held-out scores) `rayalign.hbat_data`; this module is the
-schedule around them and the per-worker run on one `rayalign.train.Trainer`.
+rank shards, reference columns, held-out scores) `rayalign.hbat_data`, the order of the
+phases `rayalign.hbat_schedule`; this module is the per-worker run of that schedule on one
+`rayalign.train.Trainer`, and its inputs and summary.
 
 **Schedule** (Algorithm 1). D_IFA and D_HPA are each split into N parts
 (`rayalign.hbat_data.split_parts`), then
@@ -57,15 +58,12 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch.distributed as dist
 
-from .config_hbat import HBAT_VARIANTS, HbatConfig
-from .config_train import TrainConfig
-from .ewc import AccumulatedChange, PhaseKind, Snapshot
+from .config_hbat import HbatConfig
+from .ewc import AccumulatedChange, Snapshot
 from .hbat_data import HbatData, held_out_scores, phase_rows
 from .hbat_penalty import (
     PhasePenalty,
@@ -74,70 +72,14 @@ from .hbat_penalty import (
     penalty_hook,
     phase_penalty,
 )
+from .hbat_schedule import HbatPhase, config_schedule, train_config
 from .rundir import RunDir
 from .tracking import StepLogger, progress_line, shown
 from .train_phase import Phase, PhaseResult, PhaseState
 
 log = logging.getLogger(__name__)
 
-Penalty = Literal["none", "ewc", "freeze"]
 POLICY_STAGE = "policy"  # the run directory's stage for the final Hugging Face export
-
-
-# --------------------------------------------------------------------------------------
-# The schedule (pure)
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HbatPhase:
-    """One phase of Algorithm 1: training on part ``round`` of D_IFA ("ifa") or D_HPA ("hpa").
-
-    ``index`` is the position in the schedule (0-based), ``round`` is n (1-based), and
-    ``penalty`` what holds the phase near its start: the EWC term, a freeze, or nothing.
-    """
-
-    index: int
-    round: int
-    kind: PhaseKind
-    penalty: Penalty
-
-    @property
-    def name(self) -> str:
-        return f"phase_{self.index:02d}_{'sft' if self.kind == 'ifa' else 'pref'}{self.round}"
-
-    @property
-    def importance_from(self) -> PhaseKind | None:
-        """Whose AC weights the penalty: F^HPA in SFT (Eq. 8), F^IFA in preference (Eq. 5)."""
-        if self.penalty == "none":
-            return None
-        return "hpa" if self.kind == "ifa" else "ifa"
-
-
-def schedule(num_splits: int, penalty: Penalty) -> list[HbatPhase]:
-    """The phases of Algorithm 1 in order: SFT n, preference n for n = 1..N.
-
-    SFT phase 1 never has a penalty (Sec. 4.3); every other phase gets ``penalty``.
-    """
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    if penalty not in ("none", "ewc", "freeze"):
-        raise ValueError(f"penalty must be 'none', 'ewc' or 'freeze', got {penalty!r}")
-    phases: list[HbatPhase] = []
-    for n in range(1, num_splits + 1):
-        phases.append(HbatPhase(len(phases), n, "ifa", "none" if n == 1 else penalty))
-        phases.append(HbatPhase(len(phases), n, "hpa", penalty))
-    return phases
-
-
-def config_schedule(cfg: HbatConfig) -> list[HbatPhase]:
-    """`schedule` of a config: N = ``num_splits``, penalty = the variant's EWC mode."""
-    return schedule(cfg.num_splits, HBAT_VARIANTS[cfg.variant][0])
-
-
-def train_config(cfg: HbatConfig, phase: HbatPhase) -> TrainConfig:
-    """The `TrainConfig` of a phase: ``cfg.sft`` for IFA phases, ``cfg.preference`` for HPA."""
-    return cfg.sft if phase.kind == "ifa" else cfg.preference
 
 
 # --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,11 +19,9 @@ from .config import DataConfig
 from .config_hbat import HbatConfig
 from .config_train import TrainConfig
 from .data import collate, load_dataset
+from .hbat_schedule import HbatPhase
 from .logprobs import sequence_logprobs
 from .train_batches import DataPlan, plan_data, to_rows, tokenize_rows
-
-if TYPE_CHECKING:  # annotations only: rayalign.hbat imports this module
-    from .hbat import HbatPhase
 
 T = TypeVar("T")
 

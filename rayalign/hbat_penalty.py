@@ -2,14 +2,13 @@
 the per-phase change C, its accumulation AC^k, the importance F and the penalty of a phase
 (`phase_penalty`), and the gradient hooks that apply it (EWC, or Hbat-Freeze's frozen
 tensors with their Adam first moment reset) to the rank's own ZeRO pieces. The arithmetic is
-rayalign/ewc.py; the schedule that calls this is rayalign/hbat.py.
+rayalign/ewc.py; the run that calls this is rayalign/hbat.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -26,9 +25,7 @@ from .ewc import (
     importance,
     importance_stats,
 )
-
-if TYPE_CHECKING:  # annotations only: rayalign.hbat imports this module
-    from .hbat import HbatPhase, Penalty
+from .hbat_schedule import HbatPhase, Penalty
 
 
 # --------------------------------------------------------------------------------------

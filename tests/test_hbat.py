@@ -1,4 +1,5 @@
-"""Hbat's schedule and bookkeeping (rayalign/hbat.py), without DeepSpeed or Ray."""
+"""Hbat's schedule and bookkeeping (rayalign/hbat_schedule.py, hbat_data.py, hbat_penalty.py),
+without DeepSpeed or Ray."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 from rayalign.config import ConfigError, build_config
 from rayalign.config_hbat import EWCConfig, HbatConfig
 from rayalign.ewc import AccumulatedChange
-from rayalign.hbat import HbatPhase, config_schedule, schedule
+from rayalign.hbat_schedule import HbatPhase, config_schedule, schedule
 from rayalign.hbat_data import rank_shard, split_parts
 from rayalign.hbat_penalty import accumulated_from_records, phase_penalty
 
