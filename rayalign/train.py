@@ -20,7 +20,7 @@ One optimizer step (the loop in `Trainer.run_phase`):
    reference log-probs from the precomputed columns or a frozen reference model, the loss
    from `rayalign.losses`, ``engine.backward``. DeepSpeed divides each micro-batch loss by
    the accumulation steps and *averages* gradients over data-parallel ranks, which is what
-   `rayalign.losses.aot_terms` requires.
+   `rayalign.aot.aot_terms` requires.
 2. The optional gradient hook (:data:`GradHook`, e.g. Hbat's EWC term) on the reduced,
    unclipped gradients; then the learning rate of `rayalign.train_phase.lr_at`; then
    ``engine.step()`` (clipping + AdamW).

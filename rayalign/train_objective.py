@@ -1,6 +1,6 @@
 """The loss of one micro-batch for each objective of `TrainConfig.objective` (pure): the
 policy and reference log-probs of its chosen and rejected sequences into `rayalign.losses`
-(sft, dpo, weighted_dpo, ipo, aot, aot_unpaired) or `rayalign.kto` (kto)."""
+(sft, dpo, weighted_dpo, ipo), `rayalign.aot` (aot, aot_unpaired) or `rayalign.kto` (kto)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import Tensor
 
 from . import losses
 from .config_train import TrainConfig
+from .aot import aot_terms
 from .kto import kto_terms
 
 
@@ -39,8 +40,8 @@ def objective_loss(
                                  chosen_lengths=num_tokens[:num_chosen],
                                  rejected_lengths=num_tokens[num_chosen:])
     elif objective in ("aot", "aot_unpaired"):
-        terms = losses.aot_terms(pc, pr, rc, rr, beta=train.beta, paired=objective == "aot",
-                                 loss=train.aot_loss, label_smoothing=train.label_smoothing)
+        terms = aot_terms(pc, pr, rc, rr, beta=train.beta, paired=objective == "aot",
+                          loss=train.aot_loss, label_smoothing=train.label_smoothing)
     elif objective == "kto":
         terms = kto_terms(pc, pr, rc, rr, beta=train.beta, reference_point=reference_point,
                           desirable_weight=train.desirable_weight,

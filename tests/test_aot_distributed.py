@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rayalign.losses import aot_loss
+from rayalign.aot import aot_loss
 
 WORLD = 2
 N_PER_RANK = 4  # chosen responses per rank

@@ -1,4 +1,5 @@
-"""Unit tests for rayalign.losses: hand-computed values, TRL parity, gradients, validation.
+"""Unit tests for rayalign.losses and rayalign.aot: hand-computed values, TRL parity,
+gradients, validation.
 
 Everything runs in float64 so that agreement is checked to 1e-12, far tighter than any
 difference a wrong formula would make.
@@ -12,11 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rayalign.aot import AOT_LOSSES, aot_loss, aot_terms
 from rayalign.losses import (
-    AOT_LOSSES,
     PreferenceTerms,
-    aot_loss,
-    aot_terms,
     distinct_pair_wins,
     dpo_loss,
     dpo_terms,

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rayalign import losses, toytask
+from rayalign import aot, losses, toytask
 from rayalign.config import DataConfig
 from rayalign.config_train import TrainConfig
 from rayalign.data import collate_pairs
@@ -131,7 +131,7 @@ def _reference_grads(checkpoint: str, case) -> dict[str, torch.Tensor]:
                                  [r["ref_rejected_logps"] for r in rows])
     args = (logps[:PAIRS], logps[PAIRS:], ref_logps[:PAIRS], ref_logps[PAIRS:])
     loss = (losses.dpo_loss(*args, beta=cfg.beta) if objective == "dpo"
-            else losses.aot_loss(*args, beta=cfg.beta))
+            else aot.aot_loss(*args, beta=cfg.beta))
     if hook:
         loss = loss + HOOK_C / 2 * sum(p.square().sum() for p in policy.parameters())
     loss.backward()
