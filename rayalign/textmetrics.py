@@ -12,7 +12,6 @@ so text without Latin letters or digits scores 0).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
 from rouge_score import rouge_scorer

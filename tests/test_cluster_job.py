@@ -153,12 +153,17 @@ def _submit(env, run_dir: Path, wait: bool) -> str:
 def _stop_during_iter1_training(env, run_dir: Path) -> dict:
     """Submit, stop the job once iteration 1's training stage runs; the manifest then."""
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", _submit(env, run_dir, wait=False)).group(0)
-    deadline = time.time() + 900
+    deadline, checked = time.time() + 900, time.time()
+    # the manifest is read every 0.2 s; the job's status (a CLI call, seconds on a loaded
+    # machine, long enough to miss a short stage) only every 15 s
     while read_manifest(run_dir).get("running") != "iter_001/train":
         assert time.time() < deadline, f"iter_001/train never started: {read_manifest(run_dir)}"
-        status = _job(env, "status", job_id, check=False)
-        assert "FAILED" not in status, _job(env, "logs", job_id, check=False)
-        time.sleep(1)
+        assert "iter_001/train" not in read_manifest(run_dir).get("stages", {}), \
+            "iter_001/train finished before the test saw it running"
+        if time.time() - checked > 15:
+            status, checked = _job(env, "status", job_id, check=False), time.time()
+            assert "FAILED" not in status, _job(env, "logs", job_id, check=False)
+        time.sleep(0.2)
     _job(env, "stop", job_id)
     return read_manifest(run_dir)["stages"]
 

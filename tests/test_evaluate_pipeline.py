@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from pipelines.evaluate import SCORED_SCHEMA, evaluate_stage
 from rayalign import toytask
