@@ -29,7 +29,9 @@ class HTTPServiceConfig(Section):
         64, gt=0, description="Requests a replica holds at once (in work or in its batch queue).")
     max_queued_requests: int = Field(
         8, gt=0, description="Requests waiting in the proxy for a replica; beyond, 503 at once "
-        "(services/http.py: the latency bound).")
+        "(services/http.py: the latency bound). A burst of more than this many requests at "
+        "once can be shed even by an idle replica while the proxy assigns it: clients retry "
+        "after Retry-After.")
     host: str = Field("127.0.0.1", description="Where `python -m services.<app>` has Serve "
                       "listen (0.0.0.0 = every interface; give a token then).")
     port: int = Field(8000, gt=0, lt=65536, description="Serve's HTTP port (python -m only).")

@@ -42,7 +42,11 @@ def service(ray_cluster, guide_path):
     from ray import serve
 
     cfg = ScoringConfig(guide_path=guide_path, app_name="scoring-test", route_prefix=ROUTE,
-                        http=HTTPServiceConfig(auth_token=TOKEN, max_body_bytes=4096),
+                        # the proxy's queue holds the 10-request burst below: Serve's router
+                        # queues a burst while it assigns it to the replica and sheds past
+                        # max_queued_requests (8 by default; test_service_limits tests that)
+                        http=HTTPServiceConfig(auth_token=TOKEN, max_body_bytes=4096,
+                                               max_queued_requests=16),
                         replicas=ResourcesConfig(num_cpus=1), **LIMITS)
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     yield BASE
