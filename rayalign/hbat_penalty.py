@@ -17,13 +17,8 @@ from torch import Tensor
 from . import dsparams
 from .config_hbat import EWCConfig
 from .ewc import (
-    AccumulatedChange,
-    Snapshot,
-    add_penalty_grad_,
-    change_from_sums,
-    freeze_selection,
-    importance,
-    importance_stats,
+    AccumulatedChange, Snapshot, add_penalty_grad_, change_from_sums, freeze_selection,
+    importance, importance_stats,
 )
 from .hbat_schedule import HbatPhase, Penalty
 
