@@ -156,9 +156,9 @@ def _stop_during_iter1_training(env, run_dir: Path) -> dict:
     deadline, checked = time.time() + 900, time.time()
     # the manifest is read every 0.2 s; the job's status (a CLI call, seconds on a loaded
     # machine, long enough to miss a short stage) only every 15 s
-    while read_manifest(run_dir).get("running") != "iter_001/train":
-        assert time.time() < deadline, f"iter_001/train never started: {read_manifest(run_dir)}"
-        assert "iter_001/train" not in read_manifest(run_dir).get("stages", {}), \
+    while (manifest := read_manifest(run_dir)).get("running") != "iter_001/train":
+        assert time.time() < deadline, f"iter_001/train never started: {manifest}"
+        assert "iter_001/train" not in manifest.get("stages", {}), \
             "iter_001/train finished before the test saw it running"
         if time.time() - checked > 15:
             status, checked = _job(env, "status", job_id, check=False), time.time()
