@@ -179,7 +179,8 @@ def bench_rayalign(checkpoint: str, rows: list[dict], args, data: DataConfig) ->
     train = TrainConfig(objective="dpo", beta=args.beta, lr=args.lr, warmup_ratio=0.0,
                         max_steps=_total_steps(args), micro_batch_size=args.batch,
                         use_gpu=torch.cuda.is_available(), max_grad_norm=1e9,
-                        length_window=args.length_window, pack_pairs=not args.no_pack)
+                        length_window=args.length_window, pack_pairs=not args.no_pack,
+                        gradient_checkpointing=args.gradient_checkpointing)
     examples = [PreferenceExample(**r) for r in rows]
     trainer = Trainer(checkpoint, train)
     # tokenized before training, as TRL does (and as the Ray driver does)
@@ -221,6 +222,8 @@ def bench_trl(checkpoint: str, rows: list[dict], args, data: DataConfig) -> dict
             save_strategy="no", report_to=[], use_cpu=not gpu, bf16=gpu,
             dataloader_num_workers=0, disable_dropout=True, seed=0,
             precompute_ref_log_probs=precompute,
+            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
         trainer = DPOTrainer(model=model, ref_model=ref, args=config,
                              train_dataset=Dataset.from_list(rows),
@@ -251,6 +254,8 @@ def parse_args() -> argparse.Namespace:
                         help="rayalign's train.length_window (0: rows in order, as TRL)")
     parser.add_argument("--no-pack", action="store_true",
                         help="rayalign's two-row forward per pair (train.pack_pairs false)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute the body's activations in the backward (both sides)")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--beta", type=float, default=0.1)
