@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from .config_train import TrainConfig
 from .lora import apply_lora
+from .swiglu import use_swiglu_product
 
 
 def process_group_backend(use_gpu: bool) -> str:
@@ -96,7 +97,8 @@ def load_policy(path: str, train: TrainConfig, ds_config: dict) -> torch.nn.Modu
     """The float32 policy at ``path`` on the CPU (DeepSpeed casts it to the training dtype
     before moving it to the device, so no GPU ever holds the fp32 copy); under ZeRO-3 built
     partitioned (zero.Init) so no process holds it whole; then dropout, checkpointing and LoRA
-    as configured."""
+    as configured. SwiGLU MLPs recompute their activation in the backward (`rayalign.swiglu`:
+    the same values, one [tokens, intermediate] tensor less saved per layer)."""
     from transformers import AutoModelForCausalLM
 
     from transformers.integrations import HfDeepSpeedConfig
@@ -116,6 +118,7 @@ def load_policy(path: str, train: TrainConfig, ds_config: dict) -> torch.nn.Modu
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
     del zero3
     model.train()
+    use_swiglu_product(model)
     if train.disable_dropout:  # before LoRA: the adapters keep their own dropout
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
