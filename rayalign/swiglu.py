@@ -6,7 +6,7 @@ Llama-family MLPs (Llama, Mistral, Qwen2/3, SmolLM, ...) compute
 (for the product's); ``down`` saves its input besides. `SwiGLUProduct` saves only ``g`` and
 ``u`` and recomputes ``s = sigmoid(g)`` in the backward:
 
-    h = g * s * u,    dh/du = g * s,    dh/dg = u * s * (1 + g * (1 - s))
+    h = g * s * u,    dh/du = g * s,    dh/dg = u * (s + g * s * (1 - s))
 
 so each MLP keeps one [tokens, intermediate] float tensor less for the backward, at the
 price of one sigmoid per element. On SmolLM2-135M (30 layers, intermediate 1536) that is
@@ -43,18 +43,12 @@ class SwiGLUProduct(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
         g, u = ctx.saved_tensors
         s = torch.sigmoid(g)
-        grad_u = grad * (g * s)
-        grad_g = grad * u * (s * (1 + g * (1 - s)))
-        return grad_g, grad_u
-
-
-def swiglu_product(g: Tensor, u: Tensor) -> Tensor:
-    """``silu(g) * u`` (`SwiGLUProduct`)."""
-    return SwiGLUProduct.apply(g, u)
+        a = g * s  # silu(g), once for both gradients: s * (1 + g (1 - s)) = s + a (1 - s)
+        return grad * u * (s + a * (1 - s)), grad * a
 
 
 def _mlp_forward(self, x: Tensor) -> Tensor:
-    return self.down_proj(swiglu_product(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(SwiGLUProduct.apply(self.gate_proj(x), self.up_proj(x)))
 
 
 def is_swiglu_mlp(module: torch.nn.Module) -> bool:
