@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,6 +151,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_ranks(worker: Callable[..., None], world: int, *args: object) -> None:
+    """Run ``worker(rank, *args)`` in `world` spawned processes (``mp.spawn``, joined), each
+    waiting on the others before it exits.
+
+    Without the wait, a rank that has destroyed its gloo group and exits while a peer is still
+    tearing down its own can abort the peer ("terminate called without an active exception",
+    SIGABRT after the test's work has passed): 1 run in 5-15 of the two-rank AOT test on this
+    machine, 0 in 80 with it.
+    """
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    exit_barrier = multiprocessing.get_context("spawn").Barrier(world)
+    mp.spawn(_rank_then_wait, args=(worker, exit_barrier, args), nprocs=world, join=True)
+
+
+def _rank_then_wait(rank: int, worker: Callable[..., None], exit_barrier, args: tuple) -> None:
+    worker(rank, *args)
+    exit_barrier.wait(timeout=120)  # a rank that failed never gets here; spawn reports it
 
 
 @contextmanager

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
 from rayalign.aot import aot_loss
+from conftest import spawn_ranks
 
 WORLD = 2
 N_PER_RANK = 4  # chosen responses per rank
@@ -110,4 +109,4 @@ def test_distributed_aot_equals_single_process(tmp_path):
     # The sharded, non-gathered loss is different, so the comparison below has teeth.
     local = _loss_and_grad(CASES[0], rank=0)[0]
     assert abs(local - expected[0][0]) > 1e-3
-    mp.spawn(_worker, args=(str(tmp_path / "pg_init"), expected), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, str(tmp_path / "pg_init"), expected)

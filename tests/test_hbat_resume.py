@@ -17,12 +17,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from rayalign import toytask
 from rayalign.io import read_json
-from conftest import free_port, gloo_group
+from conftest import free_port, gloo_group, spawn_ranks
 
 WORLD = 2
 CASES = [("hbat", 3), ("hbat_freeze", 2)]
@@ -95,7 +94,7 @@ def test_stopped_run_resumes_at_the_phase_it_stopped_in(tiny_gpt2, tmp_path):
     os.symlink(tiny_gpt2, tmp_path / "model")
     toytask.write_jsonl(tmp_path / "ifa.jsonl", toytask.make_rows(16, seed=11))
     toytask.write_jsonl(tmp_path / "hpa.jsonl", toytask.make_preference_rows(16, seed=12))
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, free_port(), str(tmp_path))
     phases = ["phase_00_sft1", "phase_01_pref1", "phase_02_sft2", "phase_03_pref2"]
     for variant, _ in CASES:
         trained = torch.load(tmp_path / f"{variant}_trained.pt")

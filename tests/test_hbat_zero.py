@@ -23,11 +23,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rayalign import toytask
 from rayalign.ewc import importance
-from conftest import free_port, gloo_group
+from conftest import free_port, gloo_group, spawn_ranks
 
 WORLD, STAGES, LAM, F_MAX = 2, (2, 3), 2.0, 10.0
 LIMITS = dict(max_prompt_length=32, max_length=64)
@@ -89,7 +88,7 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_penalty_gradient_under_zero2_and_zero3_matches_single_process(tiny_gpt2, tmp_path):
-    mp.spawn(_worker, args=(free_port(), tiny_gpt2, str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, free_port(), tiny_gpt2, str(tmp_path))
     for stage in STAGES:
         got = torch.load(tmp_path / f"zero{stage}.pt")
         anchor, theta = got["anchor"], got["theta"]

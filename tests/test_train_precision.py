@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.multiprocessing as mp
 
 from rayalign import toytask
 from rayalign.config import DataConfig
@@ -30,7 +29,7 @@ from rayalign.train import Trainer
 from rayalign.train_batches import plan_data, to_rows
 from rayalign.train_engine import process_group_backend
 from rayalign.train_phase import Phase
-from conftest import free_port, gloo_group
+from conftest import free_port, gloo_group, spawn_ranks
 
 LIMITS = dict(max_prompt_length=32, max_length=64)
 
@@ -60,8 +59,7 @@ def _two_backend_worker(rank: int, port: int, checkpoint: str, out: str) -> None
 
 
 def test_two_ranks_train_in_a_two_backend_group(tiny_gpt2, tmp_path):
-    mp.spawn(_two_backend_worker, args=(free_port(), tiny_gpt2, str(tmp_path)), nprocs=2,
-             join=True)
+    spawn_ranks(_two_backend_worker, 2, free_port(), tiny_gpt2, str(tmp_path))
     first, second = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert len(first) == 2
     # the metrics are all-reduced: both ranks log the same numbers although their rows differ

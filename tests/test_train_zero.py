@@ -23,12 +23,9 @@ reference adds the penalty ``C/2 ||theta||^2`` to the loss.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rayalign import aot, losses, toytask
 from rayalign.config import DataConfig
@@ -36,6 +33,7 @@ from rayalign.config_train import TrainConfig
 from rayalign.data import collate_pairs
 from rayalign.logprobs import sequence_logprobs
 from rayalign.models import load_model, load_tokenizer
+from conftest import free_port, gloo_group, spawn_ranks
 
 pytestmark = pytest.mark.slow  # one 2-process spawn running 9 DeepSpeed engines, ~35 s
 
@@ -69,9 +67,6 @@ def _config(case) -> TrainConfig:
 
 
 def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -79,39 +74,36 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
     from rayalign.train_batches import DataPlan
     from rayalign.train_phase import Phase
 
-    data = DataConfig(path="toy.jsonl", kind="preference", **LIMITS)
-    for i, case in enumerate(CASES):
-        cfg = _config(case)
-        trainer = Trainer(checkpoint, cfg)
-        grads = {}
+    with gloo_group(rank, port, WORLD):
+        data = DataConfig(path="toy.jsonl", kind="preference", **LIMITS)
+        for i, case in enumerate(CASES):
+            cfg = _config(case)
+            trainer = Trainer(checkpoint, cfg)
+            grads = {}
 
-        def hook(t: Trainer) -> None:
-            if case[4]:
-                t.update_local_grads(lambda name, theta, g: g.add_(theta.to(g.dtype),
-                                                                   alpha=HOOK_C))
-            for name, p in t.module.named_parameters():  # full gradient, all stages
-                shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
-                grads[name] = safe_get_full_grad(p).detach().clone().reshape(shape)
+            def hook(t: Trainer) -> None:
+                if case[4]:
+                    t.update_local_grads(lambda name, theta, g: g.add_(theta.to(g.dtype),
+                                                                       alpha=HOOK_C))
+                for name, p in t.module.named_parameters():  # full gradient, all stages
+                    shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+                    grads[name] = safe_get_full_grad(p).detach().clone().reshape(shape)
 
-        rows = _pairs(case[1])[rank::WORLD]
-        plan = DataPlan(len(rows) // cfg.micro_batch_size, case[1] == "aot")
-        phase = Phase("p", cfg, data, rows, plan)
-        trainer.run_phase(phase, grad_hook=hook)
-        named = list(trainer.module.named_parameters())
-        with deepspeed.zero.GatheredParameters([p for _, p in named]):
-            params = {n: p.detach().clone() for n, p in named}
-        if rank == 0:
-            torch.save({"params": params, "grads": grads}, os.path.join(out_dir, f"{i}.pt"))
-    dist.destroy_process_group()
+            rows = _pairs(case[1])[rank::WORLD]
+            plan = DataPlan(len(rows) // cfg.micro_batch_size, case[1] == "aot")
+            phase = Phase("p", cfg, data, rows, plan)
+            trainer.run_phase(phase, grad_hook=hook)
+            named = list(trainer.module.named_parameters())
+            with deepspeed.zero.GatheredParameters([p for _, p in named]):
+                params = {n: p.detach().clone() for n, p in named}
+            if rank == 0:
+                torch.save({"params": params, "grads": grads}, os.path.join(out_dir, f"{i}.pt"))
 
 
 @pytest.fixture(scope="module")
 def distributed_steps(tiny_gpt2, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("zero")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, tiny_gpt2, str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, WORLD, free_port(), tiny_gpt2, str(out))
     return [torch.load(out / f"{i}.pt") for i in range(len(CASES))]
 
 
