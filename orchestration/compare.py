@@ -18,8 +18,9 @@ arm resumes the way its job does. A finished arm is recorded
 in the comparison's manifest with its result rows and is never run again; a killed comparison
 restarted with the same run_dir skips the finished arms and resumes the interrupted one at its
 first unfinished stage. Arms run one after another, or with `parallel: k` k at a time as
-child processes (``jobs/compare.py --arm A --seed S``) attached to the same Ray cluster. The
-driver holds no math and no model.
+child processes (``jobs/compare.py --arm A --seed S``) attached to the same Ray cluster; the
+seeds' shared theta_0 are such tasks too (arm ``theta0``), each seed's arms waiting for its
+own. The driver holds no math and no model.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import yaml
 
 from rayalign import compare as stats_lib
 from rayalign import toytask
-from rayalign.compare import CompareConfig, arm_config, implied_rewards, job_tree
+from rayalign.compare import THETA0, CompareConfig, arm_config, implied_rewards, job_tree
 from rayalign.config import DataConfig, ResourcesConfig, build_config
 from rayalign.io import atomic_file, read_json, write_json
 from rayalign.rundir import RunDir, check_resumable
@@ -130,29 +131,46 @@ class CompareRunner:
         partial comparison already has every arm); returns `stats_lib.aggregate`'s table."""
         results: dict[str, dict[int, list[dict]]] = {arm: {} for arm in self.cfg.arms}
         if self.cfg.parallel > 1:
-            for seed in self.cfg.seeds:  # every theta_0 first: the children read them
-                self._theta0(seed)
-            self._in_subprocesses([(arm, seed) for seed in self.cfg.seeds for arm in self.cfg.arms
-                                   if not self.run.done(f"{arm}/seed_{seed}")])
+            self._in_subprocesses(self._unfinished())
         for seed in self.cfg.seeds:
             shared = self._theta0(seed)
             for arm in self.cfg.arms:
                 results[arm][seed] = self._arm(arm, seed, shared)
         return self.write_outputs(results)
 
-    def run_one(self, arm: str, seed: int) -> list[dict]:
-        """One arm and seed, unrecorded: the body of a `parallel` child process
-        (``jobs/compare.py --arm A --seed S``); the parent records it when it collects it."""
+    def run_one(self, arm: str, seed: int) -> None:
+        """One arm and seed, or (arm ``theta0``) one seed's shared theta_0, unrecorded: the
+        body of a `parallel` child process (``jobs/compare.py --arm A --seed S``); the parent
+        records it when it collects it."""
+        if arm == THETA0:
+            self._make_theta0(self._theta0_config(seed))
+            return
         cfg = arm_config(self.cfg, arm, seed, self.arm_dir(arm, seed), self._theta0(seed))
-        return RUNNERS[self.cfg.job](cfg, self.log, self.cfg)
+        RUNNERS[self.cfg.job](cfg, self.log, self.cfg)
 
-    def _in_subprocesses(self, todo: list[tuple[str, int, dict]]) -> None:
-        """`parallel` arms at a time, each a child ``jobs/compare.py --config
-        <run_dir>/compare.yaml --arm A --seed S`` (`run_one`) attached to this driver's Ray
-        cluster, its output in <run_dir>/<arm>/seed_<s>.log. As each child ends, `_arm` collects
-        its arm in-process (every stage done: no work) and records it, so `report` sees it.
-        After a failure no new arm starts, the running ones finish (they use this driver's
-        Ray), then the failures are raised with their logs."""
+    def _unfinished(self) -> list[tuple[str, int]]:
+        """The (arm, seed) still to run, seed-major, each seed's shared theta_0 (arm
+        ``theta0``) before its arms."""
+        todo = []
+        for seed in self.cfg.seeds:
+            if self._theta0_config(seed) is not None:
+                todo.append((THETA0, seed))
+            todo += [(arm, seed) for arm in self.cfg.arms]
+        return [(arm, seed) for arm, seed in todo if not self.run.done(f"{arm}/seed_{seed}")]
+
+    def _ready(self, arm: str, seed: int) -> bool:
+        """An arm can start once its seed's theta_0 is recorded (or there is none to share)."""
+        return (arm == THETA0 or self._theta0_config(seed) is None
+                or self.run.done(f"{THETA0}/seed_{seed}"))
+
+    def _in_subprocesses(self, todo: list[tuple[str, int]]) -> None:
+        """`parallel` tasks at a time (the seeds' theta_0 and the arms), each a child
+        ``jobs/compare.py --config <run_dir>/compare.yaml --arm A --seed S`` (`run_one`)
+        attached to this driver's Ray cluster, its output in <run_dir>/<arm>/seed_<s>.log; an
+        arm waits for its seed's theta_0, so the theta_0 of seed 1 trains beside the arms of
+        seed 0. As each child ends, its task is collected in-process (every stage done: no
+        work) and recorded. After a failure no new task starts, the running ones finish (they
+        use this driver's Ray), then the failures are raised with their logs."""
         import ray
 
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -162,16 +180,11 @@ class CompareRunner:
         running: list[tuple[str, subprocess.Popen, float]] = []
         failed: list[str] = []
         while (todo and not failed) or running:
-            while todo and not failed and len(running) < self.cfg.parallel:
-                arm, seed = todo.pop(0)
-                log = self.run.path(arm, f"seed_{seed}.log")
-                log.parent.mkdir(parents=True, exist_ok=True)
-                self.log(f"[compare] {arm}/seed_{seed} started (log: {log})")
-                proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "compare.py"),
-                                         "--config", str(config), "--arm", arm, "--seed",
-                                         str(seed)], env=env, cwd=ROOT, stdout=log.open("w"),
-                                        stderr=subprocess.STDOUT)
-                running.append((f"{arm}/seed_{seed}", proc, time.time()))
+            ready = [task for task in todo if self._ready(*task)]
+            while ready and not failed and len(running) < self.cfg.parallel:
+                arm, seed = ready.pop(0)
+                todo.remove((arm, seed))
+                running.append(self._start_child(config, env, arm, seed))
             time.sleep(1)
             for entry in [e for e in running if e[1].poll() is not None]:
                 name, proc, start = entry
@@ -182,31 +195,51 @@ class CompareRunner:
                     continue
                 self.log(f"[compare] {name} finished in {time.time() - start:.0f}s")
                 arm, seed = name.rsplit("/seed_", 1)
-                self._arm(arm, int(seed), self._theta0(int(seed)))  # recorded now: durable
+                shared = self._theta0(int(seed))  # recorded now: durable
+                if arm != THETA0:
+                    self._arm(arm, int(seed), shared)
         if failed:
             raise RuntimeError("arms failed, the others were let finish: " + "; ".join(failed))
 
-    def _theta0(self, seed: int) -> dict:
-        """ld_align with shared_theta0 and an `sft` stage: theta_0 of this seed (the
-        controller's setup + sft stages of `base`) and the overrides that start an arm from
-        it. Empty when every arm makes its own starting policy."""
+    def _start_child(self, config: Path, env: dict, arm: str,
+                     seed: int) -> tuple[str, subprocess.Popen, float]:
+        log = self.run.path(arm, f"seed_{seed}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log(f"[compare] {arm}/seed_{seed} started (log: {log})")
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "compare.py"), "--config",
+                                 str(config), "--arm", arm, "--seed", str(seed)], env=env,
+                                cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        return f"{arm}/seed_{seed}", proc, time.time()
+
+    def _theta0_config(self, seed: int):
+        """The LD-Align config that makes this seed's shared theta_0 (`base`'s setup + sft in
+        <run_dir>/theta0/seed_<s>), or None when every arm makes its own starting policy."""
         cfg = self.cfg
         if cfg.job != "ld_align" or not cfg.shared_theta0:
-            return {}
-        run_dir = str(self.run.path("theta0", f"seed_{seed}"))
+            return None
         base = build_config(stats_lib.JOB_CONFIGS["ld_align"],
-                            job_tree(cfg, seed, run_dir), "base")
-        if base.sft is None:
+                            job_tree(cfg, seed, str(self.run.path(THETA0, f"seed_{seed}"))),
+                            "base")
+        return base if base.sft is not None else None
+
+    def _make_theta0(self, base) -> dict:
+        """Run (or resume) theta_0's stages; the policy path and the data configs."""
+        policy, train, evaluation = _ld_align_controller(base, self.log).theta0()
+        return {"policy": policy, "data": train.model_dump(mode="json"),
+                "eval_data": evaluation.model_dump(mode="json")}
+
+    def _theta0(self, seed: int) -> dict:
+        """This seed's shared theta_0, made and recorded if need be, as the overrides that
+        start an arm from it; empty when there is none to share."""
+        base = self._theta0_config(seed)
+        if base is None:
             return {}
-        name = f"theta0/seed_{seed}"
+        name = f"{THETA0}/seed_{seed}"
         if not self.run.done(name):
             self.log(f"[compare] {name}: setup + sft of the shared theta_0")
             self.run.start(name)
             start = time.time()
-            policy, train, evaluation = _ld_align_controller(base, self.log).theta0()
-            self.run.record(name, {}, {"policy": policy, "data": train.model_dump(mode="json"),
-                                       "eval_data": evaluation.model_dump(mode="json")},
-                            time.time() - start)
+            self.run.record(name, {}, self._make_theta0(base), time.time() - start)
         made = self.run.get(name).metrics
         return {"policy": {"path": made["policy"]}, "data": made["data"],
                 "eval_data": made["eval_data"], "sft": None}

@@ -35,6 +35,7 @@ JOB_CONFIGS = {"ld_align": LDAlignConfig, "hbat": HbatConfig, "train": TrainJobC
 # the key of the run directory in each job's config
 RUN_DIR_KEY = {"ld_align": "run_dir", "hbat": "run_dir", "train": "output_dir"}
 QUANTILES = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
+THETA0 = "theta0"  # the shared theta_0's directory and stage name, so not an arm name
 
 
 class CompareConfig(Section):
@@ -71,6 +72,8 @@ class CompareConfig(Section):
         for arm in self.arms:
             if not arm.replace("_", "").replace("-", "").isalnum():
                 raise ValueError(f"arms.{arm}: an arm name must be letters, digits, - and _")
+            if arm == THETA0:
+                raise ValueError(f"arms.{THETA0}: the name is the shared theta_0's directory")
             for seed in self.seeds:
                 try:
                     arm_config(self, arm, seed, run_dir=f"{self.run_dir}/{arm}/seed_{seed}")

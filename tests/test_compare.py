@@ -47,6 +47,8 @@ def test_bad_arm_is_named_before_anything_runs():
         _cfg(arms={**ARMS, "bad": {"train.objective": "aot"}})
     with pytest.raises(ConfigError, match=r"(?s)arms\.typo.*trian: unknown key"):
         _cfg(arms={"typo": {"trian.lr": 1.0}})
+    with pytest.raises(ConfigError, match="arms.theta0: the name is the shared theta_0's"):
+        _cfg(arms={**ARMS, "theta0": {}})
     with pytest.raises(ConfigError, match="seeds"):
         _cfg(seeds=[])
 
