@@ -122,6 +122,7 @@ class CompareRunner:
         # adding arms or seeds extends a comparison; what every arm shares may not change
         self.run = RunDir(cfg.run_dir, cfg.model_dump(mode="json", include={
             "job", "base", "seed_keys", "shared_theta0"}))
+        self._theta0_configs: dict[int, object] = {}  # built once per seed (polled every second)
 
     def arm_dir(self, arm: str, seed: int) -> str:
         return str(self.run.path(arm, f"seed_{seed}"))
@@ -217,10 +218,12 @@ class CompareRunner:
         cfg = self.cfg
         if cfg.job != "ld_align" or not cfg.shared_theta0:
             return None
-        base = build_config(stats_lib.JOB_CONFIGS["ld_align"],
-                            job_tree(cfg, seed, str(self.run.path(THETA0, f"seed_{seed}"))),
-                            "base")
-        return base if base.sft is not None else None
+        if seed not in self._theta0_configs:
+            base = build_config(stats_lib.JOB_CONFIGS["ld_align"],
+                                job_tree(cfg, seed, str(self.run.path(THETA0, f"seed_{seed}"))),
+                                "base")
+            self._theta0_configs[seed] = base if base.sft is not None else None
+        return self._theta0_configs[seed]
 
     def _make_theta0(self, base) -> dict:
         """Run (or resume) theta_0's stages; the policy path and the data configs."""

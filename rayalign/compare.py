@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -26,6 +27,7 @@ from .config import (
     _merge,
     _set_dotted,
     build_config,
+    read_yaml,
 )
 from .config_hbat import HbatConfig
 from .config_ldalign import LDAlignConfig
@@ -55,8 +57,13 @@ class CompareConfig(Section):
         True, description="ld_align: make theta_0 (setup + sft of `base`) once per seed and "
         "start every arm from it (arms then run with sft: null), so every arm's theta_0 is the "
         "same policy.")
+    base_config: str | None = Field(
+        None, description="A YAML file `base` extends, key by key (`base` wins): a job's config "
+        "file, or another comparison's config (its `base`, after its own base_config); a path "
+        "relative to the working directory, like every path of a config. A sweep or a "
+        "real-model comparison names the config it varies instead of copying it.")
     base: dict[str, Any] = Field(default_factory=dict, description="The job config every arm "
-                                 "shares (as that job's YAML file).")
+                                 "shares (as that job's YAML file), over `base_config`'s.")
     arms: dict[str, dict[str, Any]] = Field(min_length=1, description="Arm name -> dotted "
                                             "overrides of `base` (e.g. weights: uniform).")
     metrics: tuple[str, ...] = Field((), description="Metrics tabulated and plotted (keys of "
@@ -66,6 +73,14 @@ class CompareConfig(Section):
     heldout: DataConfig | None = Field(
         None, description="train: held-out preference pairs scored after training (implied "
         "rewards); None = toy pairs (tiny.eval_rows rows, seed tiny.seed + 1000).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_base(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("base_config") is not None:
+            data = {**data, "base": _merge(inherited_base(data["base_config"]),
+                                           data.get("base") or {})}
+        return data
 
     @model_validator(mode="after")
     def _arms_valid(self) -> "CompareConfig":
@@ -80,6 +95,21 @@ class CompareConfig(Section):
                 except ConfigError as err:
                     raise ValueError(f"seed {seed}: {err}") from None
         return self
+
+
+def inherited_base(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """The job-config dict a comparison's ``base_config: <path>`` names: the file itself when
+    it is a job's config, its `base` over its own `base_config` when it is a comparison's
+    (it has `arms`)."""
+    if str(Path(path).resolve()) in seen:
+        raise ConfigError(f"base_config: {path} names itself through "
+                          + " -> ".join(seen + (path,)))
+    tree = read_yaml(path)
+    if "arms" not in tree:
+        return tree
+    parent = tree.get("base_config")
+    inherited = {} if parent is None else inherited_base(parent, seen + (str(Path(path).resolve()),))
+    return _merge(inherited, tree.get("base") or {})
 
 
 def job_tree(cfg: CompareConfig, seed: int, run_dir: str,

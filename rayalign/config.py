@@ -212,6 +212,20 @@ def _redacted(override: str) -> str:
     return f"{key}=***" if sep and any(word in last for word in _SECRET_KEYS) else override
 
 
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML file's top-level mapping (empty file: {}); a missing file, invalid YAML or a
+    non-mapping top level is a `ConfigError` naming the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
 def load_config(
     cls: type[Cfg], path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()
 ) -> Cfg:
@@ -220,14 +234,7 @@ def load_config(
     source = "(defaults)"
     if path is not None:
         source = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        data = read_yaml(path)
     data = _merge(_default_sections(cls), data)
     if overrides:
         data = _merge(data, parse_overrides(list(overrides)))

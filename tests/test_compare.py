@@ -1,6 +1,7 @@
 """rayalign/compare.py: arm configs and the statistics of a comparison (no Ray)."""
 
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -54,10 +55,34 @@ def test_bad_arm_is_named_before_anything_runs():
 
 
 def test_shipped_comparison_configs_are_valid():
-    for name in ("ld_align", "ld_align_sweep", "ld_align_smollm2", "hbat", "aot"):
-        cfg = load_config(CompareConfig, f"configs/compare/{name}.yaml")
-        assert len(cfg.seeds) >= {"ld_align_sweep": 1, "ld_align_smollm2": 2}.get(name, 3)
-        assert len(cfg.arms) >= 3
+    paths = sorted(Path("configs/compare").glob("*.yaml"))
+    assert len(paths) >= 7
+    for path in paths:
+        cfg = load_config(CompareConfig, path)
+        sweep = path.stem.endswith("_sweep")
+        assert len(cfg.seeds) >= (1 if sweep else 2) and len(cfg.arms) >= 3
+        if sweep:  # a sweep varies its comparison's base, unchanged, on a seed it is not judged on
+            judged = load_config(CompareConfig, cfg.base_config)
+            assert cfg.base == judged.base and not set(cfg.seeds) & set(judged.seeds)
+
+
+def test_base_config_is_extended_key_by_key(tmp_path):
+    """`base` extends the file `base_config` names: a job's config as it is, a comparison's
+    config through its own `base` (and its `base_config`); `base` wins per nested key."""
+    job = tmp_path / "job.yaml"
+    job.write_text("iterations: 2\ntrain: {beta: 0.3, lr: 1.0e-5}\nweights: latent\n")
+    mid = tmp_path / "mid.yaml"
+    mid.write_text(f"job: ld_align\nbase_config: {job}\nbase: {{train: {{lr: 2.0e-5}}}}\n"
+                   "arms: {a: {}}\n")
+    cfg = _cfg(base_config=str(mid), base={"iterations": 1})
+    assert cfg.base == {"iterations": 1, "train": {"beta": 0.3, "lr": 2e-5}, "weights": "latent"}
+    assert arm_config(cfg, "sft", 0, "x").train.lr == 1e-3  # the arm still wins over both
+    assert build_config(CompareConfig, cfg.model_dump()).base == cfg.base  # a child re-reads it
+    with pytest.raises(ConfigError, match="config file not found: nowhere.yaml"):
+        _cfg(base_config="nowhere.yaml")
+    mid.write_text(f"job: ld_align\nbase_config: {mid}\narms: {{a: {{}}}}\n")
+    with pytest.raises(ConfigError, match="base_config: .*mid.yaml names itself"):
+        _cfg(base_config=str(mid))
 
 
 def test_mean_std_is_the_sample_std():
