@@ -47,13 +47,13 @@ def services(ray_cluster, tiny_gpt2, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prefix", ["/st-sampler", "/st-scoring"])
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(services, prefix):
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(services, prefix, tmp_path):
     base = f"http://127.0.0.1:8000{prefix}"
     out = subprocess.run(
         [ST, "--config-file", str(CONFIG), "run", f"{base}/openapi.json", "--url", base,
          "--checks", "all", "--max-examples", "100", "--seed", "1", "--no-color",
          "-H", f"Authorization: Bearer {TOKEN}"],
-        capture_output=True, text=True, timeout=1200)
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path)  # st caches in its cwd
     summary = out.stdout[out.stdout.rfind("SUMMARY"):]
     print(summary)
     assert out.returncode == 0, out.stdout[-6000:]
