@@ -98,7 +98,6 @@ def two_nodes(tmp_path_factory):
            # a loaded machine starts a node's dashboard agent slowly; the raylet's default
            # wait for it (~15 s) then aborts the node
            "RAY_agent_register_timeout_ms": "120000",
-           "TORCH_EXTENSIONS_DIR": str(tmp_path_factory.mktemp("torch_ext")),
            "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)

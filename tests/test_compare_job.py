@@ -3,8 +3,9 @@
 Two continual-SFT arms (the cheapest LD-Align-controller arms: no sampling, pairs or guide) on
 one tiny seed, started from one shared theta_0, with ``parallel: 2`` as the shipped configs
 (theta_0 and each arm a child process). The driver attaches to the session's Ray and is
-SIGKILLed with its children as soon as the comparison's manifest records an arm (``b`` trains 6x
-the steps of ``a``, so one is recorded first). The rerun must skip theta_0 and the first arm (their records
+SIGKILLed with its children as soon as the comparison's manifest records an arm. ``b`` trains 50
+epochs to ``a``'s one (~15 s more): with equal step counts both arms, which spend their time in
+Ray Train's start and the evaluations, finished in the same second and were recorded together. The rerun must skip theta_0 and the first arm (their records
 unchanged), finish the second, and write the tables.
 """
 
@@ -33,7 +34,7 @@ def _config(tmp_path: Path) -> Path:
                     "sft": {"objective": "sft", "lr": 3e-3, "max_steps": 2,
                             "micro_batch_size": 16, "num_workers": 1}, "iterations": 1},
            "arms": {"a": {**arm, "train.lr": 1e-3},
-                    "b": {**arm, "train.lr": 1e-4, "train.max_steps": 12}},
+                    "b": {**arm, "train.lr": 1e-4, "train.max_steps": 100}},
            "metrics": ["eval_exact_match", "eval_position_accuracy", "eval_edit_distance"]}
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(cfg))
