@@ -5,8 +5,9 @@ one tiny seed, started from one shared theta_0, with ``parallel: 2`` as the ship
 (theta_0 and each arm a child process). The driver attaches to the session's Ray and is
 SIGKILLed with its children as soon as the comparison's manifest records an arm. ``b`` trains 50
 epochs to ``a``'s one (~15 s more): with equal step counts both arms, which spend their time in
-Ray Train's start and the evaluations, finished in the same second and were recorded together. The rerun must skip theta_0 and the first arm (their records
-unchanged), finish the second, and write the tables.
+Ray Train's start and the evaluations, finished in the same second and were recorded together.
+The rerun must skip theta_0 and the first arm (their records unchanged), finish the second, and
+write the tables.
 """
 
 from __future__ import annotations
